@@ -1,0 +1,107 @@
+"""The depth transformer: within one frame, generates the 8 audio codebooks
+one after the other, each step with its own weights."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .layers import GatedFFN, RingKVCache, make_norm, merge_heads, split_heads
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+class DepformerAttention(nn.Module):
+    """Attention over the current frame's earlier depformer steps (no positions)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def __call__(self, x: mx.array, cache: RingKVCache) -> mx.array:
+        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
+        k, v = cache.update_and_fetch(k, v)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(merge_heads(y))
+
+
+class DepformerStepLayer(nn.Module):
+    """The weights one layer uses at one depformer step."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_hidden: int):
+        super().__init__()
+        self.self_attn = DepformerAttention(dim, num_heads)
+        self.gating = GatedFFN(dim, ffn_hidden)
+
+
+class DepformerStep(nn.Module):
+    """Everything that belongs to one generated codebook k."""
+
+    def __init__(self, cfg: ModelConfig, token_vocab: int):
+        super().__init__()
+        dep = cfg.depformer
+        self.emb = nn.Embedding(token_vocab, dep.dim)
+        self.layers = [DepformerStepLayer(dep.dim, dep.num_heads, dep.ffn_hidden) for _ in range(dep.num_layers)]
+        self.linear_out = nn.Linear(dep.dim, cfg.audio_card, bias=False)
+
+
+class DepformerNorms(nn.Module):
+    """The norms of one layer, shared by all depformer steps."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dep = cfg.depformer
+        self.norm1 = make_norm(cfg.depformer_norm, dep.dim, dep.norm_eps)
+        self.norm2 = make_norm(cfg.depformer_norm, dep.dim, dep.norm_eps)
+
+
+class Depformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dep = cfg.depformer
+        self.cfg = cfg
+        # The 8 per-step input projections of the temporal output, fused into one matmul.
+        self.input_proj = nn.Linear(cfg.dim, dep.num_steps * dep.dim, bias=False)
+        self.layers = [DepformerNorms(cfg) for _ in range(dep.num_layers)]
+        self.steps = [
+            DepformerStep(cfg, (cfg.text_card if k == 0 else cfg.audio_card) + 1) for k in range(dep.num_steps)
+        ]
+
+    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
+        dep = self.cfg.depformer
+        return [RingKVCache(dep.num_steps, dep.num_heads, dep.head_dim, dtype) for _ in range(dep.num_layers)]
+
+    def __call__(
+        self,
+        temporal_out: mx.array,
+        text_token: mx.array,
+        sampler: Sampler,
+        caches: list[RingKVCache],
+    ) -> tuple[mx.array, mx.array]:
+        """One frame: `temporal_out` (1, dim) and the text token (1,) just sampled.
+
+        Returns the sampled audio tokens (num_steps,) and their logits
+        (num_steps, audio_card). Every step is conditioned on the token sampled
+        by the step before it.
+        """
+        for cache in caches:
+            cache.reset()
+        inputs = self.input_proj(temporal_out).reshape(-1, 1, self.cfg.depformer.dim)  # (K, 1, d)
+        token = text_token
+        tokens, logits = [], []
+        for k, step in enumerate(self.steps):
+            x = (inputs[k] + step.emb(token))[None]  # (1, 1, d)
+            for norms, weights, cache in zip(self.layers, step.layers, caches):
+                x = x + weights.self_attn(norms.norm1(x), cache)
+                x = x + weights.gating(norms.norm2(x))
+            step_logits = step.linear_out(x[0])  # (1, audio_card)
+            token = sampler(step_logits)
+            tokens.append(token)
+            logits.append(step_logits)
+        return mx.concatenate(tokens), mx.concatenate(logits)

@@ -1,0 +1,107 @@
+"""Building blocks shared by the temporal transformer and the depformer."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import NORM_MEAN_SQUARE, NORM_VARIANCE
+
+
+class RMSNorm(nn.Module):
+    """`x * weight / sqrt(mean(x^2) + eps)`, computed in float32 as upstream does."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return y.astype(x.dtype)
+
+
+class VarianceNorm(nn.Module):
+    """`x * weight / sqrt(var(x) + eps)` with the unbiased variance, x not centred.
+
+    This is what the official PyTorch code applies in the depformer (in float32)
+    and to the image projection (`norm_xa`, in the input dtype).
+    """
+
+    def __init__(self, dim: int, eps: float, in_float32: bool = True):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+        self.in_float32 = in_float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = x.astype(mx.float32) if self.in_float32 else x
+        var = mx.var(h, axis=-1, keepdims=True, ddof=1)
+        y = h * (self.weight.astype(h.dtype) * mx.rsqrt(var + self.eps))
+        return y.astype(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, in_float32: bool = True) -> nn.Module:
+    if kind == NORM_VARIANCE:
+        return VarianceNorm(dim, eps, in_float32)
+    if kind == NORM_MEAN_SQUARE:
+        return RMSNorm(dim, eps)
+    raise ValueError(f"unknown norm kind {kind!r}")
+
+
+class GatedFFN(nn.Module):
+    """`linear_out(silu(x W_gate) * (x W_up))` with W_gate, W_up stacked in `linear_in`."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.linear_in(x), 2, axis=-1)
+        return self.linear_out(nn.silu(gate) * up)
+
+
+def split_heads(x: mx.array, num_heads: int) -> mx.array:
+    """(B, T, H*D) -> (B, H, T, D)."""
+    b, t, _ = x.shape
+    return x.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    b, h, t, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+class RingKVCache:
+    """A fixed-size key/value window that never grows.
+
+    Slot `t % size` holds step t. Keys carry their RoPE rotation already, and a
+    single query attends to the whole window without a mask, so the order of the
+    slots does not matter; until the window is full only the written prefix is
+    returned.
+    """
+
+    def __init__(self, size: int, num_heads: int, head_dim: int, dtype: mx.Dtype):
+        self.size = size
+        shape = (1, num_heads, size, head_dim)
+        self.keys = mx.zeros(shape, dtype)
+        self.values = mx.zeros(shape, dtype)
+        self.offset = 0  # steps written so far
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        slot = self.offset % self.size
+        self.keys[:, :, slot : slot + 1] = keys
+        self.values[:, :, slot : slot + 1] = values
+        self.offset += 1
+        if self.offset < self.size:
+            return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.keys, self.values]

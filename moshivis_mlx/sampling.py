@@ -1,0 +1,99 @@
+"""Token sampling for the text stream and the audio codebooks.
+
+Order of operations, as in the official Moshi code: logits are divided by the
+temperature first, then top-k and top-p filter the tempered distribution, then
+one token is drawn. Filters come from `mlx_lm.sample_utils`. Randomness comes
+from explicit PRNG keys, so a seeded stream is reproducible whatever else uses
+`mx.random` in the process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+
+
+@dataclass(frozen=True)
+class TokenSampler:
+    """How to draw one token from logits; temperature 0 means argmax."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def __call__(self, logits: mx.array, key: mx.array | None = None) -> mx.array:
+        """logits (B, V) -> tokens (B,) int32."""
+        if self.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        logprobs = nn_log_softmax(logits.astype(mx.float32) / self.temperature)
+        if 0 < self.top_k < logits.shape[-1]:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        if self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
+
+
+def nn_log_softmax(x: mx.array) -> mx.array:
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling of a whole stream. Defaults are what Kyutai's web client sends."""
+
+    text: TokenSampler = TokenSampler(temperature=0.45, top_k=25)
+    audio: TokenSampler = TokenSampler(temperature=0.7, top_k=250)
+    # Penalise recently generated text tokens (padding excluded); 1.0 = off.
+    repetition_penalty: float = 1.0
+    repetition_window: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_window < 1:
+            raise ValueError(f"repetition_window must be >= 1, got {self.repetition_window}")
+
+    @classmethod
+    def make_greedy(cls) -> "SamplerConfig":
+        return cls(text=TokenSampler(), audio=TokenSampler())
+
+
+class RepetitionPenalty:
+    """Sign-aware penalty on the text tokens of the last `window` steps, kept on device.
+
+    Padding tokens are stored as an extra, never-sampled column: the text stream
+    is mostly padding, and penalising it would make the model talk non-stop.
+    """
+
+    def __init__(self, penalty: float, window: int, vocab: int, padding_ids: tuple[int, ...]):
+        self.vocab = vocab
+        self.window = window
+        self.recent = mx.full((window,), vocab, dtype=mx.int32)
+        self.padding_ids = mx.array(padding_ids, dtype=mx.int32)
+        self._apply = make_repetition_penalty(penalty, window)
+        self._count = 0
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        extended = mx.concatenate([logits, mx.zeros((logits.shape[0], 1), logits.dtype)], axis=-1)
+        return self._apply(self.recent, extended)[:, : self.vocab]
+
+    def record(self, token: mx.array) -> None:
+        is_padding = (token[:, None] == self.padding_ids).any(axis=-1)
+        slot = self._count % self.window
+        self.recent[slot : slot + 1] = mx.where(is_padding, self.vocab, token)
+        self._count += 1

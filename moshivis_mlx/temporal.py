@@ -1,0 +1,152 @@
+"""The temporal transformer: one position per 80 ms frame, with the image
+reaching every layer through one shared, gated cross-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .layers import GatedFFN, RingKVCache, RMSNorm, merge_heads, split_heads
+
+
+class SelfAttention(nn.Module):
+    """Causal attention with fused QKV and interleaved RoPE on absolute steps."""
+
+    def __init__(self, dim: int, num_heads: int, rope_max_period: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.rope = nn.RoPE(dim // num_heads, traditional=True, base=rope_max_period)
+
+    def __call__(self, x: mx.array, cache: RingKVCache) -> mx.array:
+        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
+        q = self.rope(q, offset=cache.offset)
+        k = self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(merge_heads(y))
+
+    def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
+        """Whole-sequence forward from step 0 (for tests and prefill)."""
+        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
+        q, k = self.rope(q), self.rope(k)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(merge_heads(y))
+
+
+@dataclass
+class ImageKV:
+    """Cross-attention keys and values of one image, shared by every layer and step."""
+
+    keys: mx.array  # (1, H, N, head_dim)
+    values: mx.array  # (1, H, N, head_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+
+class SharedCrossAttention(nn.Module):
+    """The single cross-attention of MoshiVis; each layer only owns a gate and a norm."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def image_kv(self, embeddings: mx.array) -> ImageKV:
+        """Project image embeddings (N, dim) once; the result serves every layer."""
+        k, v = mx.split(self.kv_proj(embeddings[None]), 2, axis=-1)
+        return ImageKV(split_heads(k, self.num_heads), split_heads(v, self.num_heads))
+
+    def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
+        q = split_heads(self.q_proj(x), self.num_heads)
+        y = mx.fast.scaled_dot_product_attention(q, image.keys, image.values, scale=self.scale)
+        return self.out_proj(merge_heads(y))
+
+
+class CrossAttentionGate(nn.Module):
+    """`sigmoid(W2 relu(W1 y) - 4)`: starts almost closed so the image is added gently."""
+
+    BIAS = -4.0
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, y: mx.array) -> mx.array:
+        return mx.sigmoid(self.linear_out(nn.relu(self.linear_in(y))) + self.BIAS)
+
+
+class TemporalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.rope_max_period)
+        self.norm_cross = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.cross_gate = CrossAttentionGate(cfg.dim, cfg.gate_hidden)
+        self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
+
+    def cross_attend(self, x: mx.array, xa: SharedCrossAttention, image: ImageKV) -> mx.array:
+        y = xa(self.norm_cross(x), image)
+        return x + self.cross_gate(y) * y
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RingKVCache,
+        xa: SharedCrossAttention,
+        image: ImageKV | None,
+    ) -> mx.array:
+        x = x + self.self_attn(self.norm1(x), cache)
+        if image is not None:
+            x = self.cross_attend(x, xa, image)
+        return x + self.gating(self.norm2(x))
+
+
+class TemporalTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [TemporalLayer(cfg) for _ in range(cfg.num_layers)]
+        # Stored once; every layer borrows it.
+        self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
+
+    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
+        cfg = self.cfg
+        return [RingKVCache(cfg.context, cfg.num_heads, cfg.head_dim, dtype) for _ in self.layers]
+
+    def __call__(self, x: mx.array, caches: list[RingKVCache], image: ImageKV | None) -> mx.array:
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cache, self.cross_attention, image)
+        return x
+
+    def forward_sequence(
+        self, x: mx.array, image: ImageKV | None = None, xa_start: int = 0
+    ) -> mx.array:
+        """Causal forward of a whole sequence (B, T, dim) starting at step 0.
+
+        The sliding window is applied through the mask, so this is the reference
+        the streaming path must match.
+        """
+        t = x.shape[1]
+        steps = mx.arange(t)
+        delta = steps[:, None] - steps[None, :]
+        mask = (delta >= 0) & (delta < self.cfg.context)
+        xa_active = (steps >= xa_start)[None, :, None]
+        for layer in self.layers:
+            x = x + layer.self_attn.forward_sequence(layer.norm1(x), mask)
+            if image is not None:
+                x = mx.where(xa_active, layer.cross_attend(x, self.cross_attention, image), x)
+            x = x + layer.gating(layer.norm2(x))
+        return x
