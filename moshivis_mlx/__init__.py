@@ -5,13 +5,16 @@ from .model import MoshiVis
 from .sampling import SamplerConfig, TokenSampler
 from .loading import load
 from .checkpoint import CheckpointError
+from .conversation import Conversation, IncompatibleModelError
 from .stream import Stream, StepOutput
 from .temporal import ImageKV
 
 __all__ = [
     "CheckpointError",
+    "Conversation",
     "DepformerConfig",
     "ImageKV",
+    "IncompatibleModelError",
     "ModelConfig",
     "load",
     "MoshiVis",

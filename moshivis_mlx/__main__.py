@@ -1,0 +1,28 @@
+"""`python -m moshivis_mlx [options]` talks; `python -m moshivis_mlx convert ...` converts checkpoints."""
+
+from __future__ import annotations
+
+import sys
+
+CONVERT_COMMAND = "convert"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == CONVERT_COMMAND:
+        try:
+            from convert.cli import main as convert_main
+        except ImportError as e:
+            if e.name not in ("convert", "convert.cli"):
+                raise
+            print("error: the `convert` command is not installed with this copy of moshivis_mlx "
+                  f"({e}); reinstall the package (pip install -e .)", file=sys.stderr)
+            return 1
+        return convert_main(argv[1:])
+    from .cli import main as talk_main
+
+    return talk_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""`python -m moshivis_mlx`: talk with MoshiVis about a picture, live or from files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .audio_io import AudioFileError, WavWriter, read_wav_mono, write_text
+from .checkpoint import CheckpointError
+from .conversation import Conversation, IncompatibleModelError
+from .hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
+from .mimi import MIMI_SAMPLE_RATE, MimiError, load_mimi
+from .offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
+from .sampling import SamplerConfig, TokenSampler
+from .text import TokenizerError, load_tokenizer
+
+DESCRIPTION = """\
+Talk with MoshiVis about a picture, in real time: it listens to your microphone
+and answers through your speaker, with a live transcript.
+
+  python -m moshivis_mlx --image photo.jpg
+  python -m moshivis_mlx --image photo.jpg --input question.wav --output answer.wav
+
+Use headphones: there is no echo cancellation, so from loudspeakers the model
+hears itself. While talking, type or drag an image path into the terminal and
+press Enter to switch pictures ("none" for no picture); Ctrl-C ends.
+"""
+FEATURES_SUFFIX = ".npy"  # precomputed SigLIP features (num_tokens, width) instead of a picture
+_STATUS_SECONDS = 0.2  # status line refresh period
+_SAMPLER = SamplerConfig()
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together, found before anything is loaded."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m moshivis_mlx", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--image", action="append", default=[], metavar="PATH[@SECONDS]",
+                   help="the picture to talk about; in file mode repeat it with @SECONDS to switch pictures at "
+                        "those times (a .npy file holds precomputed SigLIP features)")
+    files = p.add_argument_group("file mode (instead of microphone and speaker)")
+    files.add_argument("--input", metavar="WAV", help="the question: a WAV file of any rate, channels and format")
+    files.add_argument("--output", metavar="WAV", help="where to write the spoken answer (24 kHz mono)")
+    files.add_argument("--tail", type=float, default=DEFAULT_TAIL_SECONDS, metavar="SECONDS",
+                       help=f"silence after the question, for the answer (default {DEFAULT_TAIL_SECONDS:g})")
+    live = p.add_argument_group("live mode")
+    live.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    live.add_argument("--input-device", metavar="ID", help="microphone: number or part of the name")
+    live.add_argument("--output-device", metavar="ID", help="speaker: number or part of the name")
+    live.add_argument("--record", metavar="WAV", help="save the conversation (you left, the model right)")
+    live.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
+                      help="drop input beyond this delay when the machine is slower than real time (default 0.5)")
+    live.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long")
+    p.add_argument("--transcript", metavar="TXT", help="write what the model said to this file")
+    weights = p.add_argument_group("weights")
+    which = weights.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="PATH", help="a local checkpoint (file or directory) instead of the Hub's")
+    which.add_argument("-q", "--quantize", type=int, choices=(4, 8),
+                       help="Hub weights with 4- or 8-bit quantization (default: 8 with 24 GB of memory or more, else 4)")
+    which.add_argument("--bf16", action="store_true", help="the Hub's unquantized bf16 weights (16 GB)")
+    weights.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO", help=f"default {DEFAULT_REPO}")
+    weights.add_argument("--mimi", metavar="PATH", help="a local Mimi checkpoint (.safetensors)")
+    weights.add_argument("--tokenizer", metavar="PATH", help="a local text tokenizer (sentencepiece .model)")
+    weights.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                         help="compute dtype (default bfloat16)")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--seed", type=int, help="make the answer reproducible")
+    sampling.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
+    sampling.add_argument("--text-temperature", type=float, default=_SAMPLER.text.temperature)
+    sampling.add_argument("--text-top-k", type=int, default=_SAMPLER.text.top_k)
+    sampling.add_argument("--audio-temperature", type=float, default=_SAMPLER.audio.temperature)
+    sampling.add_argument("--audio-top-k", type=int, default=_SAMPLER.audio.top_k)
+    # Debugging aids for tests: a slower machine, and the live statistics as JSON.
+    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)
+    return p
+
+
+# -- arguments ---------------------------------------------------------------------
+
+
+def parse_image_switches(values: list[str], file_mode: bool) -> list[tuple[float, str]]:
+    """`PATH` or `PATH@SECONDS` -> sorted (seconds, path); every path must exist."""
+    switches = []
+    for value in values:
+        path, seconds = value, 0.0
+        head, sep, tail = value.rpartition("@")
+        if sep and not Path(value).expanduser().exists():
+            try:
+                path, seconds = head, float(tail)
+            except ValueError:
+                pass
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--image {value}: no such file")
+        if seconds < 0:
+            raise UsageError(f"--image {value}: the time must be >= 0 seconds")
+        switches.append((seconds, path))
+    switches.sort(key=lambda s: s[0])
+    if not file_mode and (len(switches) > 1 or (switches and switches[0][0] > 0)):
+        raise UsageError("several --image or @SECONDS work in file mode; live, type a path to switch pictures")
+    if len({s for s, _ in switches}) != len(switches):
+        raise UsageError("two --image switches at the same time")
+    return switches
+
+
+def image_argument(path: str):
+    """What `Conversation` gets for an image path: features for .npy, else the path itself."""
+    path = str(Path(path).expanduser())
+    if path.lower().endswith(FEATURES_SUFFIX):
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: not a .npy array of SigLIP features ({e})") from None
+    return path
+
+
+def check_arguments(args) -> None:
+    """Everything that can be checked before minutes of loading."""
+    if args.output and not args.input:
+        raise UsageError("--output needs --input (the question as a WAV file)")
+    if args.input and not args.output:
+        raise UsageError("--input needs --output (where to write the answer)")
+    if args.input and args.record:
+        raise UsageError("--record is for live mode; in file mode --output is the answer")
+    if args.input and not Path(args.input).expanduser().is_file():
+        raise AudioFileError(args.input, "no such file")
+    for flag, value in (("--model", args.model), ("--mimi", args.mimi), ("--tokenizer", args.tokenizer)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise UsageError(f"{flag} {value}: no such file or directory")
+    for flag, value in (("--output", args.output), ("--record", args.record), ("--transcript", args.transcript)):
+        if value is not None and not Path(value).expanduser().resolve().parent.is_dir():
+            raise UsageError(f"{flag} {value}: the directory does not exist")
+    if args.max_lag <= 0 or (args.duration is not None and args.duration <= 0) or args.tail < 0:
+        raise UsageError("--max-lag and --duration must be > 0, --tail >= 0")
+
+
+def make_sampler(args) -> SamplerConfig:
+    if args.greedy:
+        return SamplerConfig(text=TokenSampler(), audio=TokenSampler(), seed=args.seed)
+    return SamplerConfig(
+        text=TokenSampler(temperature=args.text_temperature, top_k=args.text_top_k),
+        audio=TokenSampler(temperature=args.audio_temperature, top_k=args.audio_top_k),
+        seed=args.seed,
+    )
+
+
+def load_conversation(args, image) -> Conversation:
+    bits = BF16 if args.bf16 else args.quantize
+    files = resolve_files(model=args.model, mimi=args.mimi, tokenizer=args.tokenizer, bits=bits, repo=args.hf_repo)
+    which = f"{files.bits}-bit" if files.bits not in (None, BF16) else "bf16" if files.bits == BF16 else "local"
+    print(f"loading the {which} model from {files.model}", file=sys.stderr)
+    model = load_model(files.model, dtype=args.dtype, bits=files.bits)
+    return Conversation(model, load_mimi(files.mimi), load_tokenizer(files.tokenizer), image=image,
+                        sampler=make_sampler(args))
+
+
+# -- modes -------------------------------------------------------------------------
+
+
+def run_file_mode(args, switches: list[tuple[float, str]]) -> int:
+    pcm = read_wav_mono(args.input, MIMI_SAMPLE_RATE)  # before loading: a bad file fails fast
+    first = image_argument(switches[0][1]) if switches and switches[0][0] == 0 else None
+    later = [ImageSwitch(t, image_argument(p)) for t, p in switches if t > 0]
+    conversation = load_conversation(args, first)
+    with WavWriter(args.output, conversation.sample_rate) as writer:
+        result = converse_offline(conversation, pcm, tail_seconds=args.tail, image_switches=later,
+                                  on_frame=writer.write, progress=True)
+    if args.transcript:
+        write_text(args.transcript, result.transcript + "\n")
+    print(result.transcript)
+    speed = result.seconds / result.elapsed if result.elapsed else float("inf")
+    print(f"wrote {args.output}: {result.seconds:.1f} s of audio in {result.elapsed:.1f} s "
+          f"({speed:.2f}x real time, {1000 * result.mean_step_seconds:.0f} ms per step)", file=sys.stderr)
+    return 0
+
+
+def format_status(stats, frame_seconds: float) -> str:
+    return (f"rtf {stats.real_time_factor(frame_seconds):.2f} | lag {stats.lag_seconds:.2f}s | "
+            f"dropped {stats.dropped_frames} | underruns {stats.underruns}")
+
+
+def format_summary(stats) -> str:
+    return (
+        f"conversation ended after {stats.seconds:.1f} s: {stats.steps} steps, mean step "
+        f"{1000 * stats.mean_step_seconds:.1f} ms (max {1000 * stats.step_seconds_max:.1f} ms); "
+        f"dropped {stats.dropped_frames} input frames to bound the lag (max lag {stats.max_lag_seconds:.2f} s); "
+        f"{stats.underruns} speaker underruns ({stats.underrun_seconds:.1f} s of silence)"
+    )
+
+
+def run_live_mode(args, sd, switches: list[tuple[float, str]]) -> int:
+    from .console import LiveDisplay, TypedImageReader
+    from .live import LiveSession
+
+    conversation = load_conversation(args, image_argument(switches[0][1]) if switches else None)
+    session = LiveSession(conversation, sd, input_device=args.input_device, output_device=args.output_device,
+                          max_lag_seconds=args.max_lag, record=args.record, step_delay=args.debug_step_delay)
+    display = LiveDisplay()
+
+    def on_path(path: str | None, label: str) -> None:
+        if path is not None and not Path(path).is_file():
+            display.message(f"no such file: {label}")
+            return
+        try:
+            session.request_image(None if path is None else image_argument(path), label)
+        except UsageError as e:
+            display.message(str(e))
+
+    stats = session.stats
+    rates = f"{stats.input_rate} Hz in, {stats.output_rate} Hz out"
+    print(f"listening ({rates}); talk about the picture. Type or drag an image path and press Enter to "
+          "switch; Ctrl-C to end. Use headphones.", file=sys.stderr)
+    session.start()
+    TypedImageReader(on_path).start()
+    try:
+        while session.running:
+            _show_events(session, display)
+            display.status(format_status(stats, session.frame_seconds))
+            if args.duration is not None and session.elapsed() >= args.duration:
+                break
+            time.sleep(_STATUS_SECONDS)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        previous = _ignore_interrupts()  # a second Ctrl-C must not leave half-written files
+        try:
+            session.stop()
+            _show_events(session, display)
+            display.finish()
+        finally:
+            _restore_interrupts(previous)
+    if args.transcript:
+        write_text(args.transcript, conversation.transcript + "\n")
+    if args.debug_stats_json:
+        write_text(args.debug_stats_json, json.dumps({**stats.to_dict(), "error": repr(session.error) if session.error else None}))
+    print(format_summary(stats), file=sys.stderr)
+    if session.error is not None:
+        raise session.error
+    return 0
+
+
+def _show_events(session, display) -> None:
+    import queue
+
+    while True:
+        try:
+            kind, value = session.events.get_nowait()
+        except queue.Empty:
+            return
+        (display.text if kind == "text" else display.message)(value)
+
+
+def _ignore_interrupts():
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (called from a test or an app)
+        return None
+
+
+def _restore_interrupts(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- entry point -------------------------------------------------------------------
+
+_KNOWN_ERRORS = (UsageError, AudioFileError, CheckpointError, MissingFilesError, MimiError, TokenizerError,
+                 IncompatibleModelError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .live import AudioDeviceError
+
+    try:
+        return _run(args)
+    except (*_KNOWN_ERRORS, AudioDeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from .live import describe_devices, find_device, import_sounddevice
+
+    if args.list_devices:
+        print(describe_devices(import_sounddevice()))
+        return 0
+    check_arguments(args)
+    switches = parse_image_switches(args.image, file_mode=bool(args.input))
+    if args.input:
+        return run_file_mode(args, switches)
+    sd = import_sounddevice()  # before loading anything: fail fast without PortAudio or devices
+    find_device(sd, args.input_device, "input")
+    find_device(sd, args.output_device, "output")
+    return run_live_mode(args, sd, switches)

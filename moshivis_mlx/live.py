@@ -1,0 +1,395 @@
+"""Live mode: microphone -> MoshiVis -> speaker, in real time.
+
+One worker thread owns MLX and Mimi: it takes the microphone's audio,
+resamples it to 24 kHz, steps the conversation once per 80 ms frame and
+queues the answer for the speaker. The PortAudio callbacks only move audio
+through bounded buffers. When the machine is slower than real time, the
+oldest waiting input frames are dropped (and counted) so the lag stays under
+`max_lag`; when the speaker runs dry it plays silence (counted as an underrun).
+
+`sounddevice` (and so PortAudio) is imported only here, on demand.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio_io import WavWriter
+from .resample import Resampler
+
+DEFAULT_MAX_LAG_SECONDS = 0.5  # bound on (waiting input + queued output)
+_INPUT_QUEUE_BLOCKS = 512  # safety bound on callback blocks not yet taken by the worker
+_RECENT_STEPS = 25  # steps averaged for the real-time factor on the status line (2 s)
+_POLL_SECONDS = 0.02  # worker wait for new input when idle
+_WARMUP_STEPS = 2  # steps run (and forgotten) before the streams open, so the first real ones are not slow
+_MAX_OUTPUT_CHANNELS = 2  # mono is written to both channels of a stereo device
+
+
+class AudioDeviceError(RuntimeError):
+    """No usable audio library or device."""
+
+
+def import_sounddevice():
+    """`sounddevice`, or an error that says how to get PortAudio."""
+    try:
+        import sounddevice
+    except OSError as e:  # raised at import when the PortAudio library is missing
+        raise AudioDeviceError(
+            f"PortAudio was not found ({e}). Live mode needs it for the microphone and speaker. "
+            "macOS: pip install --force-reinstall sounddevice (its wheel includes PortAudio); "
+            "Debian/Ubuntu: sudo apt-get install libportaudio2. "
+            "File mode (--input question.wav --output answer.wav) works without it."
+        ) from None
+    except ImportError as e:
+        raise AudioDeviceError(f"live mode needs the `sounddevice` package (pip install sounddevice): {e}") from None
+    return sounddevice
+
+
+def describe_devices(sd) -> str:
+    """The device list, as `--list-devices` prints it."""
+    try:
+        devices = sd.query_devices()
+    except sd.PortAudioError as e:
+        raise AudioDeviceError(f"cannot list audio devices: {e}") from None
+    if len(devices) == 0:
+        return "no audio devices found"
+    return str(devices) + "\n(> default input, < default output; pass a number or part of a name to --input-device / --output-device)"
+
+
+def find_device(sd, spec: str | int | None, kind: str) -> int:
+    """Index of the device named by `spec` (index, or part of its name), or the default one."""
+    channels_key = f"max_{kind}_channels"
+    devices = list(sd.query_devices())
+    usable = [d for d in devices if d[channels_key] > 0]
+    if not usable:
+        raise AudioDeviceError(
+            f"no audio {kind} device found: connect a {'microphone' if kind == 'input' else 'speaker or headphones'}"
+            " (see --list-devices)"
+        )
+    if spec is None or spec == "":
+        default = sd.default.device[0 if kind == "input" else 1]
+        if default is not None and 0 <= int(default) < len(devices) and devices[int(default)][channels_key] > 0:
+            return int(default)
+        return int(usable[0]["index"])
+    text = str(spec).strip()
+    if text.isdigit():
+        index = int(text)
+        if index >= len(devices) or devices[index][channels_key] == 0:
+            raise AudioDeviceError(f"device {index} is not an audio {kind} device (see --list-devices)")
+        return index
+    matches = [d for d in usable if text.lower() in d["name"].lower()]
+    if len(matches) != 1:
+        found = "no" if not matches else f"{len(matches)}"
+        names = ", ".join(f"{d['index']}: {d['name']}" for d in (matches or usable))
+        raise AudioDeviceError(f"{found} {kind} devices match {text!r} ({names}); pass a number from --list-devices")
+    return int(matches[0]["index"])
+
+
+def device_sample_rate(sd, device: int, kind: str, preferred: int) -> int:
+    """`preferred` if the device runs at it, else the device's own rate (we resample)."""
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        check(device=device, samplerate=preferred, channels=1, dtype="float32")
+        return preferred
+    except Exception:  # PortAudioError or ValueError: rate not supported
+        return int(sd.query_devices(device)["default_samplerate"])
+
+
+@dataclass
+class LiveStats:
+    """What happened, updated while running (read by the status line and the summary)."""
+
+    input_rate: int = 0
+    output_rate: int = 0
+    seconds: float = 0.0  # since the streams opened
+    captured_seconds: float = 0.0  # audio the microphone delivered
+    played_seconds: float = 0.0  # model audio the speaker played
+    steps: int = 0
+    step_seconds_total: float = 0.0
+    step_seconds_max: float = 0.0
+    dropped_frames: int = 0  # input frames skipped to keep the lag bounded
+    underruns: int = 0  # speaker callbacks that found too little audio
+    underrun_seconds: float = 0.0  # silence played instead
+    input_overflows: int = 0  # microphone blocks lost before the worker saw them
+    lag_seconds: float = 0.0
+    max_lag_seconds: float = 0.0
+    image_switches: int = 0
+    recent_step_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_RECENT_STEPS))
+
+    @property
+    def mean_step_seconds(self) -> float:
+        return self.step_seconds_total / self.steps if self.steps else 0.0
+
+    def real_time_factor(self, frame_seconds: float) -> float:
+        """Seconds of compute per second of audio over the last steps (< 1 keeps up)."""
+        recent = list(self.recent_step_seconds)
+        return (sum(recent) / len(recent)) / frame_seconds if recent else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("recent_step_seconds")
+        out["mean_step_seconds"] = self.mean_step_seconds
+        return out
+
+
+class OutputBuffer:
+    """Samples for the speaker: a bounded FIFO shared by the worker and the callback."""
+
+    def __init__(self, capacity: int):
+        self._buf = np.zeros(max(1, capacity), np.float32)
+        self._read = 0
+        self._size = 0
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def push(self, samples: np.ndarray) -> int:
+        """Append; returns how many of the oldest samples were dropped to make room."""
+        samples = samples[-len(self._buf) :]
+        cap = len(self._buf)
+        with self._lock:
+            dropped = max(0, self._size + len(samples) - cap)
+            self._read = (self._read + dropped) % cap
+            self._size -= dropped
+            start = (self._read + self._size) % cap
+            first = min(len(samples), cap - start)
+            self._buf[start : start + first] = samples[:first]
+            self._buf[: len(samples) - first] = samples[first:]
+            self._size += len(samples)
+        return dropped
+
+    def pull(self, out: np.ndarray) -> int:
+        """Fill `out` (1-D) from the FIFO, zeros where it runs dry; returns samples taken."""
+        cap = len(self._buf)
+        with self._lock:
+            n = min(len(out), self._size)
+            first = min(n, cap - self._read)
+            out[:first] = self._buf[self._read : self._read + first]
+            out[first:n] = self._buf[: n - first]
+            self._read = (self._read + n) % cap
+            self._size -= n
+        out[n:] = 0.0
+        return n
+
+
+class LiveSession:
+    """Runs a `Conversation` against a microphone and a speaker until `stop()`."""
+
+    def __init__(
+        self,
+        conversation,
+        sd,
+        *,
+        input_device: str | int | None = None,
+        output_device: str | int | None = None,
+        max_lag_seconds: float = DEFAULT_MAX_LAG_SECONDS,
+        record: str | Path | None = None,
+        step_delay: float = 0.0,
+    ):
+        self.conversation = conversation
+        self.sd = sd
+        self.rate = conversation.sample_rate
+        self.frame_size = conversation.frame_size
+        self.frame_seconds = self.frame_size / self.rate
+        if max_lag_seconds < self.frame_seconds:
+            raise ValueError(f"max lag must be at least one frame ({self.frame_seconds:.2f} s), got {max_lag_seconds}")
+        self.max_lag_seconds = max_lag_seconds
+        self.step_delay = step_delay  # debugging aid: pretend the machine is slower
+        self.input_device = find_device(sd, input_device, "input")
+        self.output_device = find_device(sd, output_device, "output")
+        self.stats = LiveStats(
+            input_rate=device_sample_rate(sd, self.input_device, "input", self.rate),
+            output_rate=device_sample_rate(sd, self.output_device, "output", self.rate),
+        )
+        self._record_path = record
+        self._recorder: WavWriter | None = None
+        self._to_model = Resampler(self.stats.input_rate, self.rate)
+        self._to_speaker = Resampler(self.rate, self.stats.output_rate)
+        self._input: queue.Queue[np.ndarray] = queue.Queue(maxsize=_INPUT_QUEUE_BLOCKS)
+        self._pending = np.zeros(0, np.float32)  # resampled input not yet a whole frame
+        self._output = OutputBuffer(int(max_lag_seconds * self.stats.output_rate))
+        self._playing = False
+        self._commands: queue.Queue = queue.Queue()
+        self.events: queue.Queue[tuple[str, str]] = queue.Queue()  # ("text", piece) or ("info", message)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._streams: list = []
+        self._started_at = 0.0
+        self.error: BaseException | None = None
+
+    # -- control -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Warm up, open the streams and start the worker."""
+        self._warm_up()
+        if self._record_path is not None:
+            self._recorder = WavWriter(self._record_path, self.rate, channels=2)
+        sd = self.sd
+        out_channels = min(_MAX_OUTPUT_CHANNELS, int(sd.query_devices(self.output_device)["max_output_channels"]))
+        try:
+            self._streams = [
+                sd.InputStream(
+                    device=self.input_device, samplerate=self.stats.input_rate, channels=1, dtype="float32",
+                    latency="low", callback=self._on_input,
+                ),
+                sd.OutputStream(
+                    device=self.output_device, samplerate=self.stats.output_rate, channels=out_channels,
+                    dtype="float32", latency="low", callback=self._on_output,
+                ),
+            ]
+        except (sd.PortAudioError, ValueError) as e:
+            self._close_streams()
+            if self._recorder is not None:
+                self._recorder.discard()
+            raise AudioDeviceError(f"cannot open the audio devices: {e}") from None
+        self._started_at = time.perf_counter()
+        self._worker = threading.Thread(target=self._run_worker, name="moshivis-worker", daemon=True)
+        self._worker.start()
+        for stream in self._streams:
+            stream.start()
+
+    def stop(self) -> None:
+        """Close the streams, let the worker finish its step, finish the recording."""
+        self._close_streams()
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
+        self.stats.seconds = time.perf_counter() - self._started_at if self._started_at else 0.0
+        if self._recorder is not None:
+            self._recorder.close()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def request_image(self, image, label: str) -> None:
+        """Switch the picture between two steps (the worker does it: it owns MLX)."""
+        self._commands.put((image, label))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started_at if self._started_at else 0.0
+
+    # -- audio callbacks (PortAudio's threads: no MLX, no allocation beyond a copy) --
+
+    def _on_input(self, indata, frames, time_info, status) -> None:
+        if status.input_overflow:
+            self.stats.input_overflows += 1
+        self.stats.captured_seconds += frames / self.stats.input_rate
+        try:
+            self._input.put_nowait(indata[:, 0].copy())
+        except queue.Full:  # the worker is stuck; the lag bound would drop this audio anyway
+            self.stats.input_overflows += 1
+
+    def _on_output(self, outdata, frames, time_info, status) -> None:
+        mono = np.empty(frames, np.float32)
+        taken = self._output.pull(mono)
+        outdata[:] = mono[:, None]
+        if self._playing:
+            self.stats.played_seconds += taken / self.stats.output_rate
+            if taken < frames:
+                self.stats.underruns += 1
+                self.stats.underrun_seconds += (frames - taken) / self.stats.output_rate
+
+    # -- worker (owns MLX) ---------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        silence = np.zeros(self.frame_size, np.float32)
+        for _ in range(_WARMUP_STEPS):
+            self.conversation.step(silence)
+        self.conversation.reset()
+
+    def _run_worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands()
+                self._take_input()
+                frame = self._next_frame()
+                if frame is not None:
+                    self._step(frame)
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+            self._stop.set()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                image, label = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.conversation.set_image(image)
+            except Exception as e:  # a bad picture must not end the conversation
+                self.events.put(("info", f"cannot use {label}: {e}"))
+            else:
+                self.stats.image_switches += 1
+                self.events.put(("info", f"now looking at {label}"))
+
+    def _take_input(self) -> None:
+        """Move every queued microphone block into `_pending` (at 24 kHz)."""
+        blocks = []
+        try:
+            if len(self._pending) < self.frame_size:  # nothing to do until more audio comes
+                blocks.append(self._input.get(timeout=_POLL_SECONDS))
+            while True:
+                blocks.append(self._input.get_nowait())
+        except queue.Empty:
+            pass
+        if blocks:
+            self._pending = np.concatenate([self._pending, self._to_model.process(np.concatenate(blocks))])
+
+    def _current_lag(self) -> float:
+        """Audio heard but not yet answered, plus answers not yet played, in seconds."""
+        return len(self._pending) / self.rate + self._output.size / self.stats.output_rate
+
+    def _next_frame(self) -> np.ndarray | None:
+        """The oldest whole frame, after dropping the oldest ones beyond the lag bound."""
+        whole = len(self._pending) // self.frame_size
+        if whole == 0:
+            return None
+        excess = self._current_lag() - self.max_lag_seconds
+        if excess > 0:
+            drop = min(whole - 1, int(np.ceil(excess / self.frame_seconds)))
+            if drop > 0:
+                self._pending = self._pending[drop * self.frame_size :]
+                self.stats.dropped_frames += drop
+        lag = self._current_lag()
+        self.stats.lag_seconds = lag
+        self.stats.max_lag_seconds = max(self.stats.max_lag_seconds, lag)
+        frame, self._pending = self._pending[: self.frame_size], self._pending[self.frame_size :]
+        return frame
+
+    def _step(self, frame: np.ndarray) -> None:
+        start = time.perf_counter()
+        out, text = self.conversation.step(frame)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        took = time.perf_counter() - start
+        stats = self.stats
+        stats.steps += 1
+        stats.step_seconds_total += took
+        stats.step_seconds_max = max(stats.step_seconds_max, took)
+        stats.recent_step_seconds.append(took)
+        if self._recorder is not None:
+            self._recorder.write(np.stack([frame, out], axis=1))
+        self._output.push(self._to_speaker.process(out))
+        self._playing = True
+        if text:
+            self.events.put(("text", text))
+
+    def _close_streams(self) -> None:
+        for stream in self._streams:
+            try:
+                stream.stop()
+                stream.close()
+            except Exception:  # closing must go on for the other stream and the files
+                pass
+        self._streams = []
