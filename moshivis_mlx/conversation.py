@@ -8,14 +8,20 @@ The command line is a thin layer over this class; apps embed it the same way:
 Each step encodes the user's frame with Mimi, runs one model step, and
 decodes the model's 8 audio codes back to speech. It synchronises with the
 device once (to read the sampled tokens). A conversation has no length limit.
+
+MLX streams belong to the thread that made them, so every MLX and Mimi call
+of a conversation runs on one private thread; `step`, `set_image` and
+`reset` hand their work to it and wait, whichever thread calls them.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import mlx.core as mx
 import numpy as np
 
 from .hub import DEFAULT_REPO, load_model, resolve_files
@@ -49,6 +55,23 @@ def check_compatible(cfg, codec: StreamingCodec, text_vocab_size: int) -> None:
         )
 
 
+class _OwnThread:
+    """Runs callables on one dedicated thread, one at a time (calls from that
+    thread itself run inline, so nothing can deadlock)."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._ident = self._pool.submit(threading.get_ident).result()
+
+    def run(self, fn, *args):
+        if threading.get_ident() == self._ident:
+            return fn(*args)
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class Conversation:
     """A live, spoken conversation with a MoshiVis model about an image.
 
@@ -56,9 +79,10 @@ class Conversation:
     SigLIP features (num_tokens, vision_width), an `ImageKV`, None for no
     image, and image inputs as `model.embed_image` accepts them.
 
-    Thread safety: `step`, `set_image` and `reset` may be called from
-    different threads; they run one at a time. Text listeners are called in
-    the thread that runs `step`, with each non-empty piece of text.
+    Thread safety: `step`, `set_image` and `reset` may be called from any
+    thread; they run one at a time on the conversation's own thread. Text
+    listeners are called in the thread that called `step`, with each
+    non-empty piece of text.
     """
 
     def __init__(
@@ -78,11 +102,14 @@ class Conversation:
         self.mimi = mimi
         self.sample_rate = mimi.sample_rate
         self.frame_size = mimi.frame_size
-        self._lock = threading.RLock()
+        self._listeners_lock = threading.Lock()
         self._listeners: list[TextListener] = [on_text] if on_text is not None else []
-        self._stream = model.stream(image=image, greedy=greedy, sampler=sampler)
         self._pieces: list[str] = []
         self.steps = 0
+        mx.eval(model.parameters())  # nothing lazy may reach the conversation's thread
+        self._thread = _OwnThread("moshivis-conversation")
+        image = _evaluated(image)
+        self._stream = self._thread.run(lambda: model.stream(image=image, greedy=greedy, sampler=sampler))
 
     @classmethod
     def from_pretrained(
@@ -129,48 +156,67 @@ class Conversation:
                 f"expected one frame of {self.frame_size} samples at {self.sample_rate} Hz, "
                 f"got {np.shape(pcm_in)}"
             )
-        with self._lock:
-            codes = self.mimi.encode(frame)
-            out = self._stream.step(codes)
-            if out.tokens is None:  # the first step only fills the delays
-                pcm_out, text = np.zeros(self.frame_size, np.float32), ""
-            else:
-                tokens = np.array(out.tokens)  # the step's one synchronisation
-                text = self._text.piece(tokens[0])
-                pcm_out = self.mimi.decode(tokens[1:])
-            self.steps += 1
-            if text:
-                self._pieces.append(text)
-                for listener in list(self._listeners):
-                    listener(text)
+        pcm_out, text = self._thread.run(self._step, frame)
+        if text:
+            with self._listeners_lock:
+                listeners = list(self._listeners)
+            for listener in listeners:
+                listener(text)
+        return pcm_out, text
+
+    def _step(self, frame: np.ndarray) -> tuple[np.ndarray, str]:
+        codes = self.mimi.encode(frame)
+        out = self._stream.step(codes)
+        if out.tokens is None:  # the first step only fills the delays
+            pcm_out, text = np.zeros(self.frame_size, np.float32), ""
+        else:
+            tokens = np.array(out.tokens)  # the step's one synchronisation
+            text = self._text.piece(tokens[0])
+            pcm_out = self.mimi.decode(tokens[1:])
+        self.steps += 1
+        if text:
+            self._pieces.append(text)
         return pcm_out, text
 
     def set_image(self, image) -> None:
         """Talk about another image from the next step on (None: no image)."""
-        with self._lock:
-            self._stream.set_image(image)
+        self._thread.run(self._stream.set_image, _evaluated(image))
 
     def reset(self) -> None:
         """Start a new conversation (same image, same listeners)."""
-        with self._lock:
-            self._stream.reset()
-            self.mimi.reset()
-            self._text.reset()
-            self._pieces.clear()
-            self.steps = 0
+        self._thread.run(self._reset)
+
+    def _reset(self) -> None:
+        self._stream.reset()
+        self.mimi.reset()
+        self._text.reset()
+        self._pieces.clear()
+        self.steps = 0
+
+    def close(self) -> None:
+        """Stop the conversation's thread (it also ends with the program)."""
+        self._thread.close()
 
     # -- text --------------------------------------------------------------
 
     @property
     def transcript(self) -> str:
         """Everything the model said so far, as text."""
-        with self._lock:
-            return "".join(self._pieces)
+        return "".join(list(self._pieces))
 
     def add_text_listener(self, listener: TextListener) -> None:
-        with self._lock:
+        with self._listeners_lock:
             self._listeners.append(listener)
 
     def remove_text_listener(self, listener: TextListener) -> None:
-        with self._lock:
+        with self._listeners_lock:
             self._listeners.remove(listener)
+
+
+def _evaluated(image):
+    """MLX arrays made by the caller's thread, evaluated there before they cross threads."""
+    arrays = [image] if isinstance(image, mx.array) else [getattr(image, "keys", None), getattr(image, "values", None)]
+    arrays = [a for a in arrays if isinstance(a, mx.array)]
+    if arrays:
+        mx.eval(*arrays)
+    return image

@@ -94,11 +94,13 @@ def _download(repo: str, wanted: dict[str, str]) -> dict[str, Path]:
         ) from None
     found: dict[str, Path] = {}
     missing: list[str] = []
+    cache_only = False  # after one failed lookup, do not wait for the network again
     for role, filename in wanted.items():
         try:
-            found[role] = Path(hf_hub_download(repo, filename))
+            found[role] = Path(hf_hub_download(repo, filename, local_files_only=cache_only))
         except LocalEntryNotFoundError:  # offline (or no network) and not in the cache
             missing.append(role)
+            cache_only = True
         except (RepositoryNotFoundError, GatedRepoError) as e:
             raise MissingFilesError(f"cannot use the Hugging Face repository {repo!r}: {_first_line(e)}") from None
         except EntryNotFoundError:

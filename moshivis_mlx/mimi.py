@@ -111,7 +111,8 @@ class RenewingCodec:
         self._counts[kind] += 1
         if self._next is not None:
             self._next_counts[kind] += 1
-            if max(self._next_counts) >= self.overlap_frames or max(self._counts) >= self.max_frames:
+            warm = min(self._next_counts) >= self.overlap_frames  # both directions caught up
+            if warm or max(self._counts) >= self.max_frames:
                 self._current, self._next = self._next, None
                 self._counts, self._next_counts = self._next_counts, [0, 0]
                 self.renewals += 1

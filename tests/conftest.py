@@ -67,3 +67,34 @@ def random_model(cfg: mv.ModelConfig, seed: int = 0) -> mv.MoshiVis:
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
     return model
+
+
+# -- talking: the conversation, file-mode and live-mode tests (see talk_support.py) --
+
+
+@pytest.fixture(scope="session")
+def mimi_path() -> Path:
+    from talk_support import random_mimi
+
+    return random_mimi()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    from talk_support import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tiny_spm.model")
+
+
+@pytest.fixture(scope="session")
+def talking_model():
+    from talk_support import build_model
+
+    return build_model()
+
+
+@pytest.fixture(scope="session")
+def talking_checkpoint(tmp_path_factory, talking_model) -> Path:
+    from talk_support import save_checkpoint
+
+    return save_checkpoint(talking_model, tmp_path_factory.mktemp("checkpoint") / "tiny-moshivis")
