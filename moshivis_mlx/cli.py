@@ -34,6 +34,7 @@ press Enter to switch pictures ("none" for no picture); Ctrl-C ends.
 FEATURES_SUFFIX = ".npy"  # precomputed SigLIP features (num_tokens, width) instead of a picture
 _STATUS_SECONDS = 0.2  # status line refresh period
 _SAMPLER = SamplerConfig()
+_INTERRUPTED_EXIT = 130  # the shell's code for a program ended by Ctrl-C
 
 
 class UsageError(ValueError):
@@ -158,9 +159,9 @@ def load_conversation(args, image) -> Conversation:
     files = resolve_files(model=args.model, mimi=args.mimi, tokenizer=args.tokenizer, bits=bits, repo=args.hf_repo)
     which = f"{files.bits}-bit" if files.bits not in (None, BF16) else "bf16" if files.bits == BF16 else "local"
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
+    tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi)  # the quick ones first
     model = load_model(files.model, dtype=args.dtype, bits=files.bits)
-    return Conversation(model, load_mimi(files.mimi), load_tokenizer(files.tokenizer), image=image,
-                        sampler=make_sampler(args))
+    return Conversation(model, mimi, tokenizer, image=image, sampler=make_sampler(args))
 
 
 # -- modes -------------------------------------------------------------------------
@@ -216,10 +217,14 @@ def run_live_mode(args, sd, switches: list[tuple[float, str]]) -> int:
             display.message(str(e))
 
     stats = session.stats
+    try:
+        session.start()
+    except KeyboardInterrupt:  # during the warm-up
+        session.stop()
+        raise
     rates = f"{stats.input_rate} Hz in, {stats.output_rate} Hz out"
     print(f"listening ({rates}); talk about the picture. Type or drag an image path and press Enter to "
           "switch; Ctrl-C to end. Use headphones.", file=sys.stderr)
-    session.start()
     TypedImageReader(on_path).start()
     try:
         while session.running:
@@ -286,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*_KNOWN_ERRORS, AudioDeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the conversation started (loading, warm-up)
+        print("interrupted", file=sys.stderr)
+        return _INTERRUPTED_EXIT
 
 
 def _run(args) -> int:

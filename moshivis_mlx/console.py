@@ -66,15 +66,15 @@ class LiveDisplay:
             self.out.flush()
 
     def _draw(self) -> None:
-        width = shutil.get_terminal_size((100, 24)).columns
-        prefix = f"[{self._status}] " if self._status else ""
-        room = max(_MIN_TEXT_WIDTH, width - len(prefix) - 1)
-        while len(self._line) > room:  # finish full lines: they scroll up, without the status
-            cut = self._line.rfind(" ", 0, room)
-            cut = cut if cut > 0 else room
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        while len(self._line) > width:  # full lines scroll up, wrapped at a space
+            cut = self._line.rfind(" ", 0, width)
+            cut = cut if cut > 0 else width
             self.out.write(_CLEAR_LINE + self._line[:cut] + "\n")
             self._line = self._line[cut:].lstrip(" ")
-        self.out.write(_CLEAR_LINE + prefix + self._line)
+        prefix = f"[{self._status}] " if self._status else ""
+        room = max(_MIN_TEXT_WIDTH, width - len(prefix))
+        self.out.write(_CLEAR_LINE + prefix + self._line[-room:])  # the line's end, beside the status
         self.out.flush()
 
 

@@ -1,0 +1,217 @@
+"""Live mode end to end, through a virtual sound card paced in real time.
+
+The JACK server's dummy backend runs a clock like a sound card's but has no
+hardware; PortAudio (and so `sounddevice`) sees it as a device. Each test
+starts its own named server, so a developer's own JACK setup is untouched.
+The logic of the live engine that needs no device is tested at the bottom.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moshivis_mlx.audio_io import read_wav
+from moshivis_mlx.console import LiveDisplay, parse_typed_path
+from moshivis_mlx.live import OutputBuffer
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAME_SECONDS = 0.08
+_START_TIMEOUT = 30.0
+
+
+def jack_available() -> bool:
+    return shutil.which("jackd") is not None and shutil.which("jack_lsp") is not None
+
+
+def start_jack(rate: int, period: int, directory: Path):
+    """A dummy-backend JACK server named for this test; returns (process, env for its clients)."""
+    if not jack_available():
+        if os.environ.get("CI"):
+            pytest.fail("jackd is not installed: .ci/run must install jackd2 and libportaudio2")
+        pytest.skip("jackd not installed (apt-get install jackd2 libportaudio2)")
+    name = f"moshivis-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "JACK_DEFAULT_SERVER": name, "JACK_NO_START_SERVER": "1", "JACK_NO_AUDIO_RESERVATION": "1"}
+    log = open(directory / f"jackd-{rate}.log", "w")
+    proc = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"jackd exited: {(directory / f'jackd-{rate}.log').read_text()}")
+        if subprocess.run(["jack_lsp"], env=env, capture_output=True).returncode == 0:
+            return proc, env
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("jackd did not start")
+
+
+def stop_jack(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def jack_48k(tmp_path):
+    proc, env = start_jack(48000, 1024, tmp_path)
+    yield env
+    stop_jack(proc)
+
+
+@pytest.fixture
+def jack_24k(tmp_path):
+    proc, env = start_jack(24000, 1920, tmp_path)
+    yield env
+    stop_jack(proc)
+
+
+@pytest.fixture(scope="module")
+def weights(talking_checkpoint, mimi_path, tokenizer_path) -> list[str]:
+    return ["--model", str(talking_checkpoint), "--mimi", str(mimi_path), "--tokenizer", str(tokenizer_path),
+            "--dtype", "float32"]
+
+
+def start_cli(args: list, env: dict, directory: Path) -> tuple[subprocess.Popen, Path, Path]:
+    stdout, stderr = directory / "stdout.txt", directory / "stderr.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "moshivis_mlx", *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=open(stdout, "w"), stderr=open(stderr, "w"), text=True, cwd=ROOT,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    return proc, stdout, stderr
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode} before {text!r}:\n{path.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no {text!r} after {timeout} s:\n{path.read_text()}")
+
+
+def test_talk_switch_picture_and_ctrl_c(tmp_path, jack_48k, weights):
+    """Frames flow both ways through a 48 kHz device (resampled both ways), a typed
+    path switches the picture, and Ctrl-C ends cleanly with every file written."""
+    picture = tmp_path / "picture.npy"
+    np.save(picture, np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    record, transcript, stats_path = tmp_path / "talk.wav", tmp_path / "talk.txt", tmp_path / "stats.json"
+    proc, stdout, stderr = start_cli(
+        [*weights, "--record", record, "--transcript", transcript, "--debug-stats-json", stats_path],
+        jack_48k, tmp_path)
+    wait_for(stderr, "listening", proc)
+    time.sleep(1.5)
+    proc.stdin.write(f"'{picture}'\n")  # as a terminal pastes a dragged file
+    proc.stdin.flush()
+    time.sleep(3.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, stderr.read_text()
+    stats = json.loads(stats_path.read_text())
+    assert stats["error"] is None
+    assert stats["input_rate"] == stats["output_rate"] == 48000
+    assert stats["captured_seconds"] > 3.0  # the microphone side ran in real time
+    assert stats["steps"] > 0 and stats["played_seconds"] > 0  # the model answered, the speaker played it
+    assert stats["image_switches"] == 1 and "now looking at" in stdout.read_text()
+    samples, rate = read_wav(record)
+    assert rate == 24000 and samples.shape == (stats["steps"] * 1920, 2)  # user left, model right
+    assert np.abs(samples[:, 1]).max() > 0
+    assert transcript.exists()
+    assert "conversation ended after" in stderr.read_text() and "Traceback" not in stderr.read_text()
+
+
+def test_slow_machine_keeps_lag_bounded(tmp_path, jack_24k, weights):
+    """A model four times slower than real time: drops are counted, the lag stays bounded."""
+    max_lag, step_delay, duration = 0.4, 0.3, 5.0
+    stats_path = tmp_path / "stats.json"
+    proc, _, stderr = start_cli(
+        [*weights, "--duration", duration, "--max-lag", max_lag, "--debug-step-delay", step_delay,
+         "--debug-stats-json", stats_path], jack_24k, tmp_path)
+    proc.stdin.close()
+    assert proc.wait(timeout=180) == 0, stderr.read_text()
+    stats = json.loads(stats_path.read_text())
+    assert stats["input_rate"] == stats["output_rate"] == 24000
+    assert stats["steps"] >= 3 and stats["mean_step_seconds"] >= step_delay
+    # Without dropping, the backlog would reach duration - steps * 0.08 s (about 4 s).
+    assert stats["dropped_frames"] >= 0.5 * (duration / FRAME_SECONDS - stats["steps"])
+    assert stats["max_lag_seconds"] <= max_lag + 2 * FRAME_SECONDS
+    assert stats["underruns"] > 0 and stats["underrun_seconds"] > 0
+    assert "dropped" in stderr.read_text()
+
+
+# -- the engine's parts that need no device ----------------------------------------------
+
+
+def test_output_buffer_fifo_wraps_and_drops_the_oldest():
+    buf = OutputBuffer(5)
+    assert buf.push(np.arange(3, dtype=np.float32)) == 0
+    out = np.full(2, -1, np.float32)
+    assert buf.pull(out) == 2 and out.tolist() == [0, 1]
+    assert buf.push(np.arange(10, 14, dtype=np.float32)) == 0  # wraps around the end
+    assert buf.push(np.array([20, 21], np.float32)) == 2  # full: the two oldest go
+    out = np.full(7, -1, np.float32)
+    assert buf.pull(out) == 5 and out.tolist() == [11, 12, 13, 20, 21, 0, 0]  # then silence
+    assert buf.size == 0
+
+
+@pytest.mark.parametrize(
+    "typed,path",
+    [
+        ("/tmp/a b.jpg\n", "/tmp/a b.jpg"),  # typed, with a space
+        ("'/tmp/a b.jpg' \n", "/tmp/a b.jpg"),  # iTerm2 and GNOME quote dropped files
+        ("/tmp/a\\ b.jpg \n", "/tmp/a b.jpg"),  # macOS Terminal escapes them
+        ("file:///tmp/a%20b.jpg\n", "/tmp/a b.jpg"),  # some paste a URL
+        ("   \n", None),
+    ],
+)
+def test_typed_and_dragged_paths(typed, path):
+    assert parse_typed_path(typed) == path
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_line_beside_the_transcript(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "41")
+    screen = Terminal()
+    display = LiveDisplay(screen)
+    display.status("rtf 0.50 | lag 0.10s | dropped 0 | underruns 0")
+    for word in ("the", " cat", " sits", " on", " the", " mat", " and", " the", " dog", " sits", " too"):
+        display.text(word)
+    display.message("now looking at dog.jpg")
+    display.finish()
+    lines = [line.rsplit("\r\x1b[K", 1)[-1] for line in screen.getvalue().split("\n")]
+    finished = [line for line in lines if line and not line.startswith("[")]
+    assert " ".join(finished) == "the cat sits on the mat and the dog sits too"
+    assert all(len(line) <= 40 for line in finished)  # wrapped at spaces to the terminal's width
+    assert "[now looking at dog.jpg]" in lines
+    assert "[rtf 0.50 | lag 0.10s | dropped 0 | underruns 0] the cat" in screen.getvalue()
+
+
+def test_without_a_terminal_the_transcript_is_plain_text():
+    out = io.StringIO()
+    display = LiveDisplay(out)
+    display.status("ignored")
+    for word in ("hello", " there"):
+        display.text(word)
+    display.message("now looking at x.jpg")
+    display.text("bye")
+    display.finish()
+    assert out.getvalue() == "hello there\n[now looking at x.jpg]\nbye\n"
