@@ -172,9 +172,12 @@ def run_file_mode(args, switches: list[tuple[float, str]]) -> int:
     first = image_argument(switches[0][1]) if switches and switches[0][0] == 0 else None
     later = [ImageSwitch(t, image_argument(p)) for t, p in switches if t > 0]
     conversation = load_conversation(args, first)
-    with WavWriter(args.output, conversation.sample_rate) as writer:
-        result = converse_offline(conversation, pcm, tail_seconds=args.tail, image_switches=later,
-                                  on_frame=writer.write, progress=True)
+    try:
+        with WavWriter(args.output, conversation.sample_rate) as writer:
+            result = converse_offline(conversation, pcm, tail_seconds=args.tail, image_switches=later,
+                                      on_frame=writer.write, progress=True)
+    finally:
+        conversation.close()
     if args.transcript:
         write_text(args.transcript, result.transcript + "\n")
     print(result.transcript)
@@ -199,10 +202,17 @@ def format_summary(stats) -> str:
 
 
 def run_live_mode(args, sd, switches: list[tuple[float, str]]) -> int:
+    conversation = load_conversation(args, image_argument(switches[0][1]) if switches else None)
+    try:
+        return _talk_live(args, sd, conversation)
+    finally:
+        conversation.close()
+
+
+def _talk_live(args, sd, conversation) -> int:
     from .console import LiveDisplay, TypedImageReader
     from .live import LiveSession
 
-    conversation = load_conversation(args, image_argument(switches[0][1]) if switches else None)
     session = LiveSession(conversation, sd, input_device=args.input_device, output_device=args.output_device,
                           max_lag_seconds=args.max_lag, record=args.record, step_delay=args.debug_step_delay)
     display = LiveDisplay()
@@ -294,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the conversation started (loading, warm-up)
         print("interrupted", file=sys.stderr)
         return _INTERRUPTED_EXIT
+    finally:
+        _release_mlx()
+
+
+def _release_mlx() -> None:
+    """MLX asks every thread that used it to clear its streams before exiting."""
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_streams()
 
 
 def _run(args) -> int:

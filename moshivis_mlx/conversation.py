@@ -16,8 +16,10 @@ of a conversation runs on one private thread; `step`, `set_image` and
 
 from __future__ import annotations
 
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -57,19 +59,47 @@ def check_compatible(cfg, codec: StreamingCodec, text_vocab_size: int) -> None:
 
 class _OwnThread:
     """Runs callables on one dedicated thread, one at a time (calls from that
-    thread itself run inline, so nothing can deadlock)."""
+    thread itself run inline, so nothing can deadlock).
+
+    MLX needs `mx.clear_streams()` at the end of every thread that used it
+    (else the process may abort at exit): the thread does that when it stops,
+    on `close()`, when collected, or at interpreter exit, whichever comes first.
+    """
 
     def __init__(self, name: str):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._ident = self._pool.submit(threading.get_ident).result()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_serve, args=(self._tasks,), name=name, daemon=True)
+        self._thread.start()
+        self._stop = weakref.finalize(self, _stop_serving, self._tasks, self._thread)
 
     def run(self, fn, *args):
-        if threading.get_ident() == self._ident:
+        if threading.current_thread() is self._thread:
             return fn(*args)
-        return self._pool.submit(fn, *args).result()
+        if not self._stop.alive:
+            raise RuntimeError("this conversation was closed")
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._stop()
+
+
+def _serve(tasks: queue.SimpleQueue) -> None:
+    while (task := tasks.get()) is not None:
+        future, fn, args = task
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+    mx.clear_streams()
+
+
+def _stop_serving(tasks: queue.SimpleQueue, thread: threading.Thread) -> None:
+    tasks.put(None)
+    if thread is not threading.current_thread():
+        thread.join()
 
 
 class Conversation:
@@ -194,7 +224,8 @@ class Conversation:
         self.steps = 0
 
     def close(self) -> None:
-        """Stop the conversation's thread (it also ends with the program)."""
+        """Stop the conversation's thread (else it stops when the conversation
+        is collected or the program ends). The conversation cannot step after."""
         self._thread.close()
 
     # -- text --------------------------------------------------------------
