@@ -10,13 +10,14 @@ from pathlib import Path
 
 from moshivis_mlx.checkpoint import CheckpointError
 from moshivis_mlx.config import ModelConfig
+from moshivis_mlx.loading import DTYPES as LOAD_DTYPES
 from moshivis_mlx.loading import read_config
 from moshivis_mlx.quantize import BITS_CHOICES, DEFAULT_GROUP_SIZE, GROUP_SIZES, SENSITIVE_BITS, QuantizationPolicy
 
 from .converter import ConvertError, ConvertResult, convert_checkpoint
 from .progress import ProgressLine
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = tuple(LOAD_DTYPES)
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 

@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from moshivis_mlx.checkpoint import CheckpointError, read_header, safetensors_header, write_safetensors
 from moshivis_mlx.config import ModelConfig
+from moshivis_mlx.loading import DTYPES as _DTYPE_NAMES
 from moshivis_mlx.loading import CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare
 from moshivis_mlx.model import MoshiVis
-from moshivis_mlx.quantize import QuantizationPolicy, describe
+from moshivis_mlx.quantize import QuantizationPolicy, describe, model_quantization
 
 FORMAT = "moshivis-mlx"
 MODEL_TYPE = "moshivis"
@@ -88,40 +90,28 @@ def _install(tmp: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def convert_checkpoint(
-    source: str | Path,
+def write_checkpoint(
     output_dir: str | Path,
+    cfg: ModelConfig,
+    weights: dict[str, mx.array],
+    quantization: dict | None,
     *,
-    policy: QuantizationPolicy | None = None,
-    dtype: str = "bfloat16",
-    config: ModelConfig | None = None,
+    dtype: str,
     force: bool = False,
-    on_tensor=None,
     on_start=None,
-) -> ConvertResult:
-    """Convert `source` (any supported layout) into `output_dir`.
+    on_tensor=None,
+) -> tuple[Path, int]:
+    """Atomically write `weights` (our layout, lazy is fine) and their config; (directory, file size).
 
-    `policy` None keeps the source's weights as they are (float or already
-    quantized); otherwise float weights are quantized with it. An already
-    quantized source is never quantized a second time. `on_start(total_bytes)`
-    and `on_tensor(name, nbytes)` report progress.
+    Consumes `weights`. The directory appears only once complete and re-read.
     """
-    started = time.monotonic()
     output = Path(output_dir).expanduser().absolute()
     _check_output(output, force)
-    ckpt = open_checkpoint(source, config)
-    cfg, layout = ckpt.cfg, ckpt.layout
-    num_params = count_parameters(cfg)
-    model, weights, quantization = prepare(ckpt, dtype, policy)
-    summary = describe(quantization, model, weights)
-    num_tensors = len(weights)
     head = safetensors_header(weights, _METADATA)
     total = sum(v.nbytes for v in weights.values())
     config_json = {**cfg.to_dict(), "model_type": MODEL_TYPE, "format": FORMAT}
     if quantization is not None:
         config_json["quantization"] = quantization
-    del model
-
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     if tmp.exists():
@@ -137,13 +127,53 @@ def convert_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return output, size
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output_dir: str | Path,
+    *,
+    policy: QuantizationPolicy | None = None,
+    dtype: str = "bfloat16",
+    config: ModelConfig | None = None,
+    force: bool = False,
+    on_tensor=None,
+    on_start=None,
+) -> ConvertResult:
+    """Convert `source` (any supported layout) into `output_dir`.
+
+    `policy` None keeps the source's weights as they are (float or already
+    quantized); otherwise float weights are quantized with it. An already
+    quantized source is never quantized a second time: asking for its own
+    quantization again is an identity, anything else an error.
+    `on_start(total_bytes)` and `on_tensor(name, nbytes)` report progress.
+    """
+    started = time.monotonic()
+    _check_output(Path(output_dir).expanduser().absolute(), force)  # fail before reading anything
+    ckpt = open_checkpoint(source, config)
+    model, weights, quantization = prepare(ckpt, dtype, policy)
+    summary = describe(quantization, model, weights)
+    num_tensors = len(weights)
+    del model
+    output, size = write_checkpoint(
+        output_dir, ckpt.cfg, weights, quantization, dtype=dtype, force=force, on_start=on_start, on_tensor=on_tensor
+    )
     return ConvertResult(
         output_dir=output,
-        source_layout=layout,
+        source_layout=ckpt.layout,
         num_tensors=num_tensors,
         file_bytes=size,
-        num_params=num_params,
+        num_params=count_parameters(ckpt.cfg),
         quantization=quantization,
         quantization_summary=summary,
         seconds=time.monotonic() - started,
     )
+
+
+def save_model(model: MoshiVis, output_dir: str | Path, *, force: bool = False) -> Path:
+    """Save a loaded (possibly quantized) model as a checkpoint directory that `load` opens."""
+    weights = dict(tree_flatten(model.parameters()))
+    dtype = next(name for name, d in _DTYPE_NAMES.items() if d == model.dtype)
+    output, _ = write_checkpoint(output_dir, model.cfg, weights, model_quantization(model), dtype=dtype, force=force)
+    return output

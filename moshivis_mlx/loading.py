@@ -35,7 +35,7 @@ from .quantize import (
 
 CHECKPOINT_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 _MAX_LISTED = 8
 
 
@@ -166,9 +166,9 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
 
 
 def dtype_from_name(dtype: str) -> mx.Dtype:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):

@@ -127,12 +127,12 @@ def quantizable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantization_config(model: nn.Module, policy: QuantizationPolicy) -> dict:
     """The config entry describing `policy` applied to the (unquantized) `model`."""
-    config: dict = {"bits": policy.bits, "group_size": policy.group_size, "mode": MODE}
+    config: dict = {}
     for path, module in sorted(quantizable_modules(model).items()):
         bits = policy.bits_for(path)
         group = fit_group_size(module.weight.shape[-1], policy.group_size) if bits is not None else None
         config[path] = {"bits": bits, "group_size": group, "mode": MODE} if group is not None else False
-    return config
+    return _with_defaults(config)
 
 
 def module_settings(config: dict | None, model: nn.Module, weight_names) -> dict[str, dict | None]:
@@ -179,7 +179,30 @@ def infer_quantization(weights: dict[str, mx.array], model: nn.Module, source: s
                 f"{tuple(scales.shape)}, which is no affine quantization of a layer of input width {in_dims}"
             )
         config[path] = {"bits": q["bits"], "group_size": q["group_size"], "mode": MODE}
-    used = Counter((q["bits"], q["group_size"]) for q in config.values() if q)
+    return _with_defaults(config)
+
+
+def model_quantization(model: nn.Module) -> dict | None:
+    """The quantization config of a model's current layers; None if none is quantized."""
+    config: dict = {}
+    for path, module in sorted(quantizable_modules(model).items()):
+        quantized = isinstance(module, _QUANTIZED_TYPES)
+        config[path] = {"bits": module.bits, "group_size": module.group_size, "mode": module.mode} if quantized else False
+    return _with_defaults(config)
+
+
+_BODY = "transformer.layers."
+
+
+def _with_defaults(config: dict) -> dict | None:
+    """Add mlx-lm's top-level defaults; None if nothing is quantized.
+
+    The defaults are the temporal transformer's most common setting (the
+    `--bits` a user asked for), so they read the same whether the config comes
+    from a policy, from tensor shapes or from a loaded model.
+    """
+    body = Counter((q["bits"], q["group_size"]) for p, q in config.items() if q and p.startswith(_BODY))
+    used = body or Counter((q["bits"], q["group_size"]) for q in config.values() if q)
     if not used:
         return None
     (bits, group_size), _ = used.most_common(1)[0]

@@ -1,0 +1,60 @@
+"""Fixture A and teacher-forced runs, shared by the loading and conversion tests."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import load_file
+
+import moshivis_mlx as mv
+
+FIXTURE_A = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
+UPSTREAM = FIXTURE_A / "upstream_mlx"
+
+# Teacher-forced logit tolerances of tests/fixtures/README.md (text, audio),
+# against the official float32 outputs.
+TOLERANCE = {"bf16": (0.15, 1.0), "q8": (0.5, 3.0), "q4": (3.0, 15.0)}
+
+
+def fixture_config() -> mv.ModelConfig:
+    return mv.ModelConfig.from_dict(json.loads((FIXTURE_A / "config.json").read_text()))
+
+
+@lru_cache(maxsize=1)
+def reference() -> dict[str, np.ndarray]:
+    return load_file(str(FIXTURE_A / "reference.safetensors"))
+
+
+class Replay:
+    """A token sampler that returns the reference tokens in order."""
+
+    def __init__(self, tokens: np.ndarray):
+        self._tokens = iter(tokens.reshape(-1).tolist())
+
+    def __call__(self, logits: mx.array, key: mx.array | None = None) -> mx.array:
+        return mx.array([next(self._tokens)], dtype=mx.int32)
+
+
+def teacher_forced(model: mv.MoshiVis, run: str = "with_image") -> tuple[np.ndarray, np.ndarray]:
+    """(text logits (T, text_card), audio logits (T, 8, audio_card)) fed the official tokens."""
+    ref = reference()
+    sampler = mv.SamplerConfig(text=Replay(ref[f"{run}.text_tokens"]), audio=Replay(ref[f"{run}.audio_tokens"]))
+    image = mx.array(ref["image.encoder_out"]) if run == "with_image" else None
+    stream = model.stream(image, sampler=sampler)
+    text, audio = [], []
+    for codes in ref["user_tokens"]:
+        out = stream.step(codes)
+        text.append(np.array(out.text_logits.astype(mx.float32)))
+        audio.append(np.array(out.audio_logits.astype(mx.float32)))
+    return np.stack(text), np.stack(audio)
+
+
+def logit_errors(model: mv.MoshiVis, run: str = "with_image") -> tuple[float, float]:
+    """Max |difference| of text and audio logits from the official float32 run."""
+    ref = reference()
+    text, audio = teacher_forced(model, run)
+    return float(np.abs(text - ref[f"{run}.text_logits"]).max()), float(np.abs(audio - ref[f"{run}.audio_logits"]).max())
