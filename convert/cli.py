@@ -6,6 +6,7 @@ import argparse
 import errno
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from moshivis_mlx.checkpoint import CheckpointError
@@ -94,7 +95,9 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = sys.stderr
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up on `kill` as on Ctrl-C
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # clean up on `kill` as on Ctrl-C (signals only reach the main thread)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         policy = policy_from_args(args)
         config: ModelConfig | None = read_config(args.config) if args.config else None
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.strerror or e}{hint} while converting to {args.output}; nothing was written", file=err)
         return EXIT_ERROR
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _print_report(args: argparse.Namespace, result: ConvertResult, config: ModelConfig | None) -> None:

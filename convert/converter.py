@@ -150,8 +150,11 @@ def convert_checkpoint(
     `on_start(total_bytes)` and `on_tensor(name, nbytes)` report progress.
     """
     started = time.monotonic()
-    _check_output(Path(output_dir).expanduser().absolute(), force)  # fail before reading anything
+    output = Path(output_dir).expanduser().absolute()
+    _check_output(output, force)  # fail before reading anything
     ckpt = open_checkpoint(source, config)
+    if output == ckpt.weights_path.absolute().parent or output in ckpt.weights_path.absolute().parents:
+        raise ConvertError(f"{output} holds the input {ckpt.weights_path}; write to another directory")
     model, weights, quantization = prepare(ckpt, dtype, policy)
     summary = describe(quantization, model, weights)
     num_tensors = len(weights)

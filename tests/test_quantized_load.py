@@ -96,6 +96,24 @@ def test_our_quantization_at_least_as_close_as_upstream(cfg, bits):
         assert ours[0] < upstream[0] / 2 and ours[1] < upstream[1] / 2, (ours, upstream)
 
 
+def test_every_bit_width_runs_and_error_shrinks_with_bits(cfg):
+    errors = [logit_errors(mv.load(FIXTURE_A, dtype="float32", config=cfg, bits=b))[0] for b in (2, 3, 4, 5, 6, 8)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < TOLERANCE["q8"][0] and errors[2] < TOLERANCE["q4"][0]
+
+
+def test_config_that_contradicts_the_tensors_is_refused(cfg, tmp_path):
+    from convert.converter import convert_checkpoint
+
+    convert_checkpoint(FIXTURE_A, tmp_path / "q4", policy=QuantizationPolicy.mixed(4))
+    config_path = tmp_path / "q4" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization"]["text_linear"] = False
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantized differently"):
+        mv.load(tmp_path / "q4")
+
+
 def test_quantize_on_load_follows_the_mixed_policy(cfg):
     model = mv.load(FIXTURE_A, config=cfg, bits=4)
     body = model.transformer.layers[0]
