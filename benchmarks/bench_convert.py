@@ -6,7 +6,8 @@
 2. Runs `python -m convert` on it for each requested bit width, each in its
    own process, and reports wall time and that process's peak RSS.
 3. Loads each output with `moshivis_mlx.load` (also in its own process) and
-   reports the load time and peak RSS.
+   reports the load time and peak RSS; with --quantize-on-load, also loads the
+   bf16 file with `bits=N` directly.
 Everything is deleted afterwards unless --keep.
 
     python benchmarks/bench_convert.py --manifest ../shared/reference/moshika-vis-pytorch.manifest.json
@@ -109,6 +110,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     p.add_argument("--load-dtype", default="bfloat16")
     p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--quantize-on-load", action="store_true",
+                   help="also time moshivis_mlx.load(bf16 file, bits=N) (quantizing while loading)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     args = p.parse_args()
 
@@ -130,6 +133,10 @@ def main() -> None:
                 code = f"import moshivis_mlx as m; m.load({str(out)!r}, dtype={args.load_dtype!r})"
                 wall, rss, _ = _timed(code)
                 print(f"load q{bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
+            if args.quantize_on_load:
+                code = f"import moshivis_mlx as m; m.load({str(source)!r}, dtype={args.load_dtype!r}, bits={bits})"
+                wall, rss, _ = _timed(code)
+                print(f"load bf16 file with bits={bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
             if not args.keep:
                 shutil.rmtree(out)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.checkpoint import CheckpointError, read_header, safetensors_header, write_safetensors
+from moshivis_mlx.checkpoint import read_header, safetensors_header, write_safetensors
 from moshivis_mlx.config import ModelConfig
 from moshivis_mlx.loading import DTYPES as _DTYPE_NAMES
 from moshivis_mlx.loading import CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import moshivis_mlx as mv
 from convert.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
 from convert.converter import convert_checkpoint, save_model
 from moshivis_mlx import checkpoint
 
-from teacher_forcing import FIXTURE_A, TOLERANCE, UPSTREAM, fixture_config, logit_errors
-from test_quantized_load import UPSTREAM_FILES, assert_same_params
+from fixture_a import FIXTURE_A, TOLERANCE, UPSTREAM, UPSTREAM_FILES, assert_same_params, fixture_config, logit_errors
 
 CONFIG = str(FIXTURE_A / "config.json")
 
@@ -149,7 +148,6 @@ def _copy_fixture(tmp_path: Path, tensors: dict | None = None) -> Path:
 
 
 def _bf16_tensors() -> dict:
-    import torch
     from safetensors.torch import load_file as torch_load
 
     return torch_load(str(FIXTURE_A / "model.safetensors"))

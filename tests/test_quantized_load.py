@@ -20,25 +20,13 @@ from mlx.utils import tree_flatten
 import moshivis_mlx as mv
 from moshivis_mlx.checkpoint import CheckpointError
 from moshivis_mlx.layouts import LayoutError, from_upstream_mlx
-from moshivis_mlx.loading import open_checkpoint, prepare, to_native
+from moshivis_mlx.loading import prepare, to_native
 from moshivis_mlx.quantize import QuantizationError, QuantizationPolicy, fit_group_size, quantization_config
 
-from teacher_forcing import FIXTURE_A, TOLERANCE, UPSTREAM, fixture_config, logit_errors
+from fixture_a import FIXTURE_A, TOLERANCE, UPSTREAM, UPSTREAM_FILES, assert_same_params, fixture_config, logit_errors
 
 MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
-UPSTREAM_FILES = {"bf16": "model.safetensors", "q8": "model.q8.safetensors", "q4": "model.q4.safetensors"}
 UPSTREAM_QUANTIZATION = {"q8": (8, 64), "q4": (4, 32)}  # what kyuteye_mlx wrote (fixtures/README.md)
-
-
-def params(model) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.parameters()))
-
-
-def assert_same_params(a, b) -> None:
-    pa, pb = params(a), params(b)
-    assert set(pa) == set(pb)
-    different = [k for k in pa if pa[k].dtype != pb[k].dtype or not mx.array_equal(pa[k], pb[k]).item()]
-    assert not different, different[:5]
 
 
 @pytest.fixture(scope="module")

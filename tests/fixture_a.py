@@ -1,4 +1,4 @@
-"""Fixture A and teacher-forced runs, shared by the loading and conversion tests."""
+"""Fixture A: paths, tolerances, teacher-forced runs; shared by the loading and conversion tests."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
 import moshivis_mlx as mv
 
 FIXTURE_A = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
 UPSTREAM = FIXTURE_A / "upstream_mlx"
+UPSTREAM_FILES = {"bf16": "model.safetensors", "q8": "model.q8.safetensors", "q4": "model.q4.safetensors"}
 
 # Teacher-forced logit tolerances of tests/fixtures/README.md (text, audio),
 # against the official float32 outputs.
@@ -58,3 +60,11 @@ def logit_errors(model: mv.MoshiVis, run: str = "with_image") -> tuple[float, fl
     ref = reference()
     text, audio = teacher_forced(model, run)
     return float(np.abs(text - ref[f"{run}.text_logits"]).max()), float(np.abs(audio - ref[f"{run}.audio_logits"]).max())
+
+
+def assert_same_params(a: mv.MoshiVis, b: mv.MoshiVis) -> None:
+    """Same parameter names, dtypes and bits."""
+    pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    assert set(pa) == set(pb)
+    different = [k for k in pa if pa[k].dtype != pb[k].dtype or not mx.array_equal(pa[k], pb[k]).item()]
+    assert not different, different[:5]
