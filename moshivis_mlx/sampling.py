@@ -84,26 +84,29 @@ class SamplerConfig:
 
 
 class RepetitionPenalty:
-    """Sign-aware penalty on the text tokens of the last `window` steps, kept on device.
+    """Sign-aware penalty on the text tokens of the last `window` steps.
 
-    Padding tokens are stored as an extra, never-sampled column: the text stream
-    is mostly padding, and penalising it would make the model talk non-stop.
+    The recent tokens live in a device array that the caller threads through
+    the step (`penalize`, then `remember`), so a compiled step stays pure.
+    Padding tokens are stored as an extra, never-sampled column: the text
+    stream is mostly padding, and penalising it would make the model talk
+    non-stop.
     """
 
     def __init__(self, penalty: float, window: int, vocab: int, padding_ids: tuple[int, ...]):
         self.vocab = vocab
         self.window = window
-        self.recent = mx.full((window,), vocab, dtype=mx.int32)
         self.padding_ids = mx.array(padding_ids, dtype=mx.int32)
         self._apply = _sample_utils().make_repetition_penalty(penalty, window)
-        self._count = 0
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def initial_recent(self) -> mx.array:
+        return mx.full((self.window,), self.vocab, dtype=mx.int32)
+
+    def penalize(self, logits: mx.array, recent: mx.array) -> mx.array:
         extended = mx.concatenate([logits, mx.zeros((logits.shape[0], 1), logits.dtype)], axis=-1)
-        return self._apply(self.recent, extended)[:, : self.vocab]
+        return self._apply(recent, extended)[:, : self.vocab]
 
-    def record(self, token: mx.array) -> None:
+    def remember(self, recent: mx.array, token: mx.array, step: mx.array) -> mx.array:
         is_padding = (token[:, None] == self.padding_ids).any(axis=-1)
-        slot = self._count % self.window
-        self.recent[slot : slot + 1] = mx.where(is_padding, self.vocab, token)
-        self._count += 1
+        entry = mx.where(is_padding, self.vocab, token)
+        return mx.slice_update(recent, entry, (step % self.window).reshape(1), axes=(0,))
