@@ -20,6 +20,7 @@ import numpy as np
 from moshivis_mlx.config import ModelConfig
 from moshivis_mlx.loading import load
 from moshivis_mlx.sampling import SamplerConfig
+from moshivis_mlx.stream import Stream
 
 STEPS_WITH_IMAGE = 8  # steps run after the cross-attention starts (xa_start)
 DEFAULT_SEED = 0
@@ -64,8 +65,11 @@ def fixed_input(cfg: ModelConfig, seed: int) -> tuple[np.ndarray, mx.array]:
     return user, features
 
 
-def _run(model, user: np.ndarray, features: mx.array, sampler: SamplerConfig | None):
-    stream = model.stream(features, greedy=sampler is None, sampler=sampler)
+def _run(model, user: np.ndarray, features: mx.array, forced: SamplerConfig | None):
+    if forced is None:
+        stream = Stream(model, features, greedy=True)
+    else:  # the replaying samplers keep Python state: no compiled step
+        stream = Stream(model, features, sampler=forced, compiled=False)
     text, audio = [], []
     for codes in user:
         out = stream.step(codes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,17 +95,21 @@ def to_native(weights: dict[str, mx.array], cfg: ModelConfig, path: Path) -> dic
     return native
 
 
-def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Path, has_config: bool) -> None:
+def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Path) -> None:
     """Every parameter filled, nothing left over, every shape right."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
+    common = sorted(set(expected) & set(weights))
     wrong = [
-        f"{name} {tuple(weights[name].shape)} {weights[name].dtype} "
-        f"(model expects {tuple(expected[name].shape)} {expected[name].dtype})"
-        for name in sorted(set(expected) & set(weights))
+        f"{name} {tuple(weights[name].shape)} (model expects {tuple(expected[name].shape)})"
+        for name in common
         if tuple(weights[name].shape) != tuple(expected[name].shape)
-        or mx.issubdtype(weights[name].dtype, mx.floating) != mx.issubdtype(expected[name].dtype, mx.floating)
+    ]
+    kind = [  # e.g. a packed uint32 weight where the model has a float one
+        f"{name} is {weights[name].dtype}, the model expects {'a float' if is_float else 'an integer'} tensor"
+        for name in common
+        if (is_float := mx.issubdtype(expected[name].dtype, mx.floating)) != mx.issubdtype(weights[name].dtype, mx.floating)
     ]
     problems = []
     if missing:
@@ -112,11 +117,23 @@ def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Pat
     if unexpected:
         problems.append(f"unexpected tensor(s): {_describe(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type: {_describe(wrong)}")
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_describe(wrong)}")
+    if kind:
+        problems.append(f"{len(kind)} tensor(s) of the wrong type: {_describe(kind)}")
     if problems:
-        if not has_config:
-            problems.append(f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed")
         raise CheckpointError(path, "; ".join(problems))
+
+
+@contextmanager
+def _size_hint(has_config: bool):
+    """Say that default sizes were assumed when a checkpoint without config does not fit them."""
+    try:
+        yield
+    except CheckpointError as e:
+        if has_config:
+            raise
+        hint = f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed"
+        raise CheckpointError(e.path, f"{e.problem}; {hint}") from None
 
 
 @dataclass
@@ -137,7 +154,8 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
     cfg = config or read_config(config_path)
     raw = load_safetensors(weights_path)
     layout = detect_layout(raw)
-    weights = to_native(raw, cfg, weights_path)
+    with _size_hint(config is not None or config_path is not None):
+        weights = to_native(raw, cfg, weights_path)
     stored = None
     if config_path is not None and layout == LAYOUT_NATIVE:
         try:
@@ -145,10 +163,11 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
         except (json.JSONDecodeError, AttributeError) as e:
             raise CheckpointError(config_path, f"invalid model config ({e})") from None
     skeleton = MoshiVis(cfg)  # lazy: its random init is never evaluated
-    try:
-        inferred = infer_quantization(weights, skeleton, str(weights_path))
-    except QuantizationError as e:
-        raise CheckpointError(weights_path, str(e)) from None
+    with _size_hint(config is not None or config_path is not None):
+        try:
+            inferred = infer_quantization(weights, skeleton, str(weights_path))
+        except QuantizationError as e:
+            raise CheckpointError(weights_path, str(e)) from None
     if stored is not None and not same_quantization(stored, inferred, skeleton, weights):
         raise CheckpointError(
             weights_path,
@@ -205,7 +224,8 @@ def prepare(
             )
     if quantization is not None:
         apply_quantization(model, quantization, weights)
-    check_against_model(model, weights, ckpt.weights_path, has_config=ckpt.has_config)
+    with _size_hint(ckpt.has_config):
+        check_against_model(model, weights, ckpt.weights_path)
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     return model, weights, quantization
 

@@ -5,14 +5,24 @@ temperature first, then top-k and top-p filter the tempered distribution, then
 one token is drawn. Filters come from `mlx_lm.sample_utils`. Randomness comes
 from explicit PRNG keys, so a seeded stream is reproducible whatever else uses
 `mx.random` in the process.
+
+`mlx_lm` is imported on first use only: its package import pulls in
+`transformers` (seconds, and torch where installed), which a greedy stream or a
+plain `import moshivis_mlx` should not pay for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+
+
+def _sample_utils() -> ModuleType:
+    from mlx_lm import sample_utils
+
+    return sample_utils
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,9 @@ class TokenSampler:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
         logprobs = nn_log_softmax(logits.astype(mx.float32) / self.temperature)
         if 0 < self.top_k < logits.shape[-1]:
-            logprobs = apply_top_k(logprobs, self.top_k)
+            logprobs = _sample_utils().apply_top_k(logprobs, self.top_k)
         if self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
+            logprobs = _sample_utils().apply_top_p(logprobs, self.top_p)
         return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
 
 
@@ -74,26 +84,29 @@ class SamplerConfig:
 
 
 class RepetitionPenalty:
-    """Sign-aware penalty on the text tokens of the last `window` steps, kept on device.
+    """Sign-aware penalty on the text tokens of the last `window` steps.
 
-    Padding tokens are stored as an extra, never-sampled column: the text stream
-    is mostly padding, and penalising it would make the model talk non-stop.
+    The recent tokens live in a device array that the caller threads through
+    the step (`penalize`, then `remember`), so a compiled step stays pure.
+    Padding tokens are stored as an extra, never-sampled column: the text
+    stream is mostly padding, and penalising it would make the model talk
+    non-stop.
     """
 
     def __init__(self, penalty: float, window: int, vocab: int, padding_ids: tuple[int, ...]):
         self.vocab = vocab
         self.window = window
-        self.recent = mx.full((window,), vocab, dtype=mx.int32)
         self.padding_ids = mx.array(padding_ids, dtype=mx.int32)
-        self._apply = make_repetition_penalty(penalty, window)
-        self._count = 0
+        self._apply = _sample_utils().make_repetition_penalty(penalty, window)
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def initial_recent(self) -> mx.array:
+        return mx.full((self.window,), self.vocab, dtype=mx.int32)
+
+    def penalize(self, logits: mx.array, recent: mx.array) -> mx.array:
         extended = mx.concatenate([logits, mx.zeros((logits.shape[0], 1), logits.dtype)], axis=-1)
-        return self._apply(self.recent, extended)[:, : self.vocab]
+        return self._apply(recent, extended)[:, : self.vocab]
 
-    def record(self, token: mx.array) -> None:
+    def remember(self, recent: mx.array, token: mx.array, step: mx.array) -> mx.array:
         is_padding = (token[:, None] == self.padding_ids).any(axis=-1)
-        slot = self._count % self.window
-        self.recent[slot : slot + 1] = mx.where(is_padding, self.vocab, token)
-        self._count += 1
+        entry = mx.where(is_padding, self.vocab, token)
+        return mx.slice_update(recent, entry, (step % self.window).reshape(1), axes=(0,))

@@ -46,7 +46,7 @@ def teacher_forced(model: mv.MoshiVis, run: str = "with_image") -> tuple[np.ndar
     ref = reference()
     sampler = mv.SamplerConfig(text=Replay(ref[f"{run}.text_tokens"]), audio=Replay(ref[f"{run}.audio_tokens"]))
     image = mx.array(ref["image.encoder_out"]) if run == "with_image" else None
-    stream = model.stream(image, sampler=sampler)
+    stream = mv.Stream(model, image, sampler=sampler, compiled=False)  # the replay keeps Python state
     text, audio = [], []
     for codes in ref["user_tokens"]:
         out = stream.step(codes)
