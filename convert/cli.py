@@ -19,6 +19,7 @@ from .converter import ConvertError, ConvertResult, convert_checkpoint
 from .progress import ProgressLine
 
 DTYPES = tuple(LOAD_DTYPES)
+_POLICY_DEFAULT = -1  # --sensitive-bits not given (not a string: argparse would parse it)
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, help=f"quantization group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--policy", choices=("mixed", "uniform"), default="mixed",
                    help="mixed (default): sensitive modules keep more bits; uniform: every language-model layer at --bits")
-    p.add_argument("--sensitive-bits", type=_bits_or_none, default=SENSITIVE_BITS, metavar="N|none",
+    p.add_argument("--sensitive-bits", type=_bits_or_none, default=_POLICY_DEFAULT, metavar="N|none",
                    help=f"bits of embeddings, text head, shared cross-attention and depformer in the mixed policy (default {SENSITIVE_BITS}; 'none' keeps them in --dtype)")
     p.add_argument("--vision-bits", type=_bits_or_none, default=None, metavar="N|none",
                    help="also quantize the SigLIP vision tower's linear layers (default: none)")
@@ -64,19 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--report", action="store_true",
                    help="after writing, print bits per weight, size and the teacher-forced error against the unquantized model")
+    p.add_argument("--report-dtype", choices=DTYPES, default="float32",
+                   help="compute dtype of both models in --report (default float32: quantization error only; "
+                   "bfloat16 halves the memory the unquantized model needs)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
 def policy_from_args(args: argparse.Namespace) -> QuantizationPolicy | None:
     if args.bits is None:
-        if args.group_size is not None or args.vision_bits is not None or args.policy != "mixed":
-            raise ConvertError("--group-size, --vision-bits and --policy need --bits")
+        given = args.group_size, args.vision_bits, args.policy != "mixed", args.sensitive_bits != _POLICY_DEFAULT
+        if any(x not in (None, False) for x in given):
+            raise ConvertError("--group-size, --policy, --sensitive-bits and --vision-bits need --bits")
         return None
     group = args.group_size or DEFAULT_GROUP_SIZE
     if args.policy == "uniform":
+        if args.sensitive_bits != _POLICY_DEFAULT:
+            raise ConvertError("--sensitive-bits only applies to the mixed policy")
         return QuantizationPolicy.uniform(args.bits, group, vision_bits=args.vision_bits)
-    return QuantizationPolicy.mixed(args.bits, group, sensitive_bits=args.sensitive_bits, vision_bits=args.vision_bits)
+    sensitive = SENSITIVE_BITS if args.sensitive_bits == _POLICY_DEFAULT else args.sensitive_bits
+    return QuantizationPolicy.mixed(args.bits, group, sensitive_bits=sensitive, vision_bits=args.vision_bits)
 
 
 def _summary(result: ConvertResult) -> list[str]:
@@ -149,6 +157,6 @@ def _print_report(args: argparse.Namespace, result: ConvertResult, config: Model
     if open_checkpoint(args.input, config).quantization is not None:
         print("the input was already quantized: there is no unquantized model to compare against")
         return
-    report = quality_report(result.output_dir, args.input, config)
+    report = quality_report(result.output_dir, args.input, config, dtype=args.report_dtype)
     for line in report.lines():
         print(line)

@@ -264,6 +264,8 @@ def test_interrupt_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
 def test_bad_options(tmp_path, capsys):
     code, _, err = run(capsys, FIXTURE_A, tmp_path / "out", "--group-size", 32)
     assert code == EXIT_ERROR and "need --bits" in err
+    code, _, err = run(capsys, FIXTURE_A, tmp_path / "out", "--bits", 4, "--policy", "uniform", "--sensitive-bits", 8)
+    assert code == EXIT_ERROR and "mixed policy" in err
     with pytest.raises(SystemExit):
         main([str(FIXTURE_A), str(tmp_path / "out"), "--bits", "7"])
     assert leftovers(tmp_path) == []
