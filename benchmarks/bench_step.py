@@ -90,6 +90,66 @@ def time_steps(stream: mv.Stream, user: np.ndarray, steps: int, warmup: int) -> 
     return wall, cpu
 
 
+def time_pipelined(stream: mv.Stream, user: np.ndarray, steps: int) -> float:
+    """Median seconds per step with the next step queued before this one is read
+    (what a file-mode client can do: the graph of t+1 is built while t computes)."""
+    wall = []
+    pending = stream.step(user)
+    for _ in range(steps):
+        start = time.perf_counter()
+        following = stream.step(user)
+        np.array(pending.tokens)
+        pending = following
+        wall.append(time.perf_counter() - start)
+    np.array(pending.tokens)
+    return statistics.median(wall)
+
+
+def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) -> dict[str, float]:
+    """Median ms of each part of a step, each compiled and run on its own."""
+    cfg = model.cfg
+    window = model.transformer.make_cache(model.dtype)
+    offset = mx.array(min(steps, cfg.context - 1))
+    visible = cfg.context
+    x = mx.random.normal((1, 1, cfg.dim)).astype(model.dtype)
+    sampler = mv.SamplerConfig()
+    keys = mx.random.split(mx.random.key(0), 1 + cfg.num_generated_codebooks)
+
+    def temporal(x, k, v, offset, image_keys=None, image_values=None):
+        img = mv.ImageKV(image_keys, image_values) if image_keys is not None else None
+        return model.transformer(x, k, v, offset, visible, img)
+
+    def depformer(out, token):
+        return model.depformer(out, token, lambda logits, k: sampler.audio(logits, keys[1 + k]))
+
+    def text_head(x):
+        logits = model.text_linear(model.out_norm(x[:, 0]))
+        return sampler.text(logits, keys[0])
+
+    def run(fn, *args) -> float:
+        fn = mx.compile(fn)
+        times = []
+        for i in range(steps + 2):
+            start = time.perf_counter()
+            out = fn(*args)
+            if isinstance(out, tuple) and len(out) == 3:  # temporal: keep the window donated
+                window.keys, window.values = out[1], out[2]
+                args = (args[0], window.keys, window.values) + args[3:]
+            mx.eval(out)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return round(1000 * statistics.median(times), 2)
+
+    result = {"temporal_ms": run(temporal, x, window.keys, window.values, offset)}
+    if image is not None:
+        with_xa = run(temporal, x, window.keys, window.values, offset, image.keys, image.values)
+        result["cross_attention_ms"] = round(with_xa - result["temporal_ms"], 2)
+    token = mx.array([3], dtype=mx.int32)
+    result["depformer_ms"] = run(depformer, x[:, 0], token)
+    result["text_head_and_sampling_ms"] = run(text_head, x)
+    return result
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -102,6 +162,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
+    ap.add_argument("--components", action="store_true", help="also time each part of the step")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
 
@@ -118,6 +179,7 @@ def main() -> None:
 
     ops = count_ops(stream, user)
     times, cpu_times = time_steps(stream, user, steps, warmup)
+    pipelined = time_pipelined(stream, user, steps)
     result = {
         "mode": args.mode,
         "dtype": dtype,
@@ -126,12 +188,17 @@ def main() -> None:
         "median_ms": round(1000 * statistics.median(times), 2),
         "p90_ms": round(1000 * float(np.percentile(times, 90)), 2),
         "median_cpu_ms": round(1000 * statistics.median(cpu_times), 2),
+        "pipelined_median_ms": round(1000 * pipelined, 2),
         "steps": steps,
         "ops_per_step": ops,
         "peak_rss_mb": round(peak_rss_mb()),
         "machine": f"{platform.machine()} {platform.system()} mlx {mx.__version__} {mx.default_device()}",
         "blas": BLAS.library or "bundled reference BLAS",
     }
+    if args.components:
+        image_kv = stream.image
+        result.update(component_times(model, image_kv, steps))
+        result["peak_rss_mb"] = round(peak_rss_mb())
     print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
 
 

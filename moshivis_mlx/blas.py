@@ -67,17 +67,38 @@ class BlasStatus:
         return self.note
 
 
-def loaded_optimized_blas() -> str | None:
-    """Path of an optimized BLAS mapped into this process, if any (Linux only)."""
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def global_cblas_provider() -> str | None:
+    """The library that a `cblas_sgemm` lookup in the global symbol scope finds.
+
+    MLX loads its bundled BLAS privately, so this is None unless another BLAS
+    was preloaded or loaded with RTLD_GLOBAL, and that library is what MLX
+    binds to. (numpy's OpenBLAS uses prefixed symbols and does not count.)
+    """
     try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rsplit(" ", 1)[-1].strip()
-                name = os.path.basename(path).lower()
-                if name.startswith("lib") and any(key in name for key in _OPTIMIZED_NAMES):
-                    return path
-    except OSError:
+        process = ctypes.CDLL(None)
+        address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p)
+        info = _DlInfo()
+        if process.dladdr(address, ctypes.byref(info)) and info.dli_fname:
+            return os.path.abspath(info.dli_fname.decode())
+    except (AttributeError, OSError):
         pass
+    return None
+
+
+def loaded_optimized_blas() -> str | None:
+    """Path of the optimized BLAS that MLX's matmuls will use, if any (Linux only)."""
+    provider = global_cblas_provider()
+    if provider and any(key in provider.lower() for key in _OPTIMIZED_NAMES):
+        return provider
     return None
 
 

@@ -6,20 +6,37 @@ one token is drawn. Filters come from `mlx_lm.sample_utils`. Randomness comes
 from explicit PRNG keys, so a seeded stream is reproducible whatever else uses
 `mx.random` in the process.
 
-`mlx_lm` is imported on first use only: its package import pulls in
-`transformers` (seconds, and torch where installed), which a greedy stream or a
-plain `import moshivis_mlx` should not pay for.
+`mlx_lm.sample_utils` depends on nothing but MLX, but importing it through
+the package runs `mlx_lm/__init__.py`, which pulls in `transformers` (and torch
+where installed: ~5 s before the first sampled token) and edits `os.environ`.
+So the module file is loaded on its own, on first use; if that ever stops
+working, the normal import is the fallback.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
 
+@functools.cache
 def _sample_utils() -> ModuleType:
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "sample_utils.py"
+        file_spec = importlib.util.spec_from_file_location("moshivis_mlx._mlx_lm_sample_utils", path)
+        if file_spec is not None and file_spec.loader is not None:
+            module = importlib.util.module_from_spec(file_spec)
+            try:
+                file_spec.loader.exec_module(module)
+                return module
+            except ImportError:
+                pass
     from mlx_lm import sample_utils
 
     return sample_utils

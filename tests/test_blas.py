@@ -57,3 +57,9 @@ def test_too_late_after_mlx_is_imported_says_so(library):
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "mlx was imported before use_optimized_blas()" in out.stdout
+
+
+def test_ld_preload_is_recognised(library):
+    env_preload = str(library.parent / "libblas.so.3") if (library.parent / "libblas.so.3").exists() else str(library)
+    result = probe({"LD_PRELOAD": env_preload})
+    assert result["optimized"], result["note"]
