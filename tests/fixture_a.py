@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,17 +11,14 @@ from safetensors.numpy import load_file
 
 import moshivis_mlx as mv
 
-FIXTURE_A = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
+from conftest import FIXTURE_A, fixture_config  # noqa: F401 (re-exported)
+
 UPSTREAM = FIXTURE_A / "upstream_mlx"
 UPSTREAM_FILES = {"bf16": "model.safetensors", "q8": "model.q8.safetensors", "q4": "model.q4.safetensors"}
 
 # Teacher-forced logit tolerances of tests/fixtures/README.md (text, audio),
 # against the official float32 outputs.
 TOLERANCE = {"bf16": (0.15, 1.0), "q8": (0.5, 3.0), "q4": (3.0, 15.0)}
-
-
-def fixture_config() -> mv.ModelConfig:
-    return mv.ModelConfig.from_dict(json.loads((FIXTURE_A / "config.json").read_text()))
 
 
 @lru_cache(maxsize=1)
