@@ -4,7 +4,7 @@ The policy is decided per module path, not left to whatever `nn.quantize`
 reaches. Default ("mixed") tiers, from cheapest to most sensitive:
 
 * temporal transformer layers (self-attention, FFN, per-layer cross-attention
-  gates): `bits`. They hold ~85 % of the weights and run once per frame, so
+  gates): `bits`. They hold 81 % of the weights and run once per frame, so
   they decide both the memory and the speed. The gates are safe there: their
   output goes through `sigmoid(. - 4)`, whose slope is below 0.02 at rest, so
   weight noise barely moves the gate.
@@ -13,7 +13,7 @@ reaches. Default ("mixed") tiers, from cheapest to most sensitive:
   errors of the 17 summed streams add up; the text head and the depformer turn
   straight into tokens (the depformer runs 8 times per frame, so each step's
   error lands on an audio codebook); the cross-attention is shared by every
-  layer, so its error is paid 32 times. Together they are ~15 % of the weights.
+  layer, so its error is paid 32 times. Together they are 14 % of the weights.
 * image projection (`proj_xa`, 4.7 M weights, feeds every cross-attention):
   kept in float.
 * norms: never quantized (vectors, not matrices).
