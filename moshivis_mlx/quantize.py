@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import infer_quant_config
 
 BITS_CHOICES = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -151,6 +150,21 @@ def module_settings(config: dict | None, model: nn.Module, weight_names) -> dict
     return out
 
 
+def _stored_quantization(module: nn.Module, packed: mx.array, scales: mx.array) -> dict:
+    """Bits, group size and mode that packed weights were stored with.
+
+    The same reading as `mlx_lm.utils.infer_quant_config`, written out here
+    because importing `mlx_lm.utils` imports `transformers` (and torch where
+    installed): ~10 s added to every `load`. Only affine quantization keeps its
+    scales in a float dtype; the other modes are reported as such and refused.
+    """
+    in_dims = module.weight.shape[-1]
+    group_size = in_dims // max(1, scales.shape[-1])
+    bits = packed.shape[-1] * 32 // in_dims
+    mode = MODE if scales.dtype != mx.uint8 else "floating-point (mxfp/nvfp)"
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
 def infer_quantization(weights: dict[str, mx.array], model: nn.Module, source: str) -> dict | None:
     """Quantization config read from tensor shapes (never from a file name); None if all float.
 
@@ -163,7 +177,7 @@ def infer_quantization(weights: dict[str, mx.array], model: nn.Module, source: s
             continue
         if f"{path}.weight" not in weights or f"{path}.biases" not in weights:
             raise QuantizationError(f"{source}: {path} has scales but no packed weight or biases")
-        q = infer_quant_config(path, module, weights)
+        q = _stored_quantization(module, weights[f"{path}.weight"], weights[f"{path}.scales"])
         in_dims = module.weight.shape[-1]
         packed, scales = weights[f"{path}.weight"], weights[f"{path}.scales"]
         if (
