@@ -15,7 +15,11 @@ import threading
 
 import numpy as np
 
-import moshivis_mlx
+from moshivis_mlx.blas import use_optimized_blas
+
+use_optimized_blas()  # Linux: route MLX's float32 matmuls to OpenBLAS, before MLX loads
+
+import moshivis_mlx  # noqa: E402
 
 FRAME = 1920  # 80 ms at 24 kHz
 

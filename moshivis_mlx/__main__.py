@@ -8,6 +8,9 @@ CONVERT_COMMAND = "convert"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .blas import use_optimized_blas
+
+    use_optimized_blas()  # on Linux, before MLX is imported (see blas.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == CONVERT_COMMAND:
         try:

@@ -163,7 +163,7 @@ class Conversation:
         """
         files = resolve_files(model=model, mimi=mimi, tokenizer=tokenizer, bits=bits, repo=repo)
         return cls(
-            load_model(files.model, dtype=dtype, bits=files.bits),
+            load_model(files.model, dtype=dtype),
             load_mimi(files.mimi),
             load_tokenizer(files.tokenizer),
             image=image,

@@ -7,7 +7,6 @@ message that names every missing file and the ways to provide it.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,15 +126,13 @@ def _missing_message(repo: str, missing: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: str | Path, *, dtype: str = "bfloat16", bits: int | None = None):
+def load_model(path: str | Path, *, dtype: str = "bfloat16"):
     """`moshivis_mlx.load` for a resolved checkpoint: the one place the CLI and
-    `Conversation.from_pretrained` load weights. `bits` is what the Hub file was
-    chosen for; it is passed on once `load` takes it."""
+    `Conversation.from_pretrained` load weights. A Hub file is loaded as it is:
+    its bits are read from its tensors, not from its name."""
     from .loading import load
 
-    quantized = bits is not None and bits != BF16
-    kwargs = {"bits": bits} if quantized and "bits" in inspect.signature(load).parameters else {}
-    return load(path, dtype=dtype, **kwargs)
+    return load(path, dtype=dtype)
 
 
 def _first_line(error: Exception) -> str:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+
 from moshivis_mlx.hub import (
     DEFAULT_REPO,
     MIMI_FILE,
@@ -74,5 +76,5 @@ def test_local_files_need_no_hub(tmp_path):
 
 
 def test_load_model_loads_a_local_checkpoint(talking_checkpoint, talking_model):
-    model = load_model(talking_checkpoint, dtype="float32", bits=8)  # bits is passed on once `load` takes it
-    assert model.cfg == talking_model.cfg
+    model = load_model(talking_checkpoint, dtype="float32")
+    assert model.cfg == talking_model.cfg and model.dtype == mx.float32
