@@ -53,7 +53,7 @@ def speed(path: Path, count: int) -> dict:
 def renewal(path: Path, extra: int) -> dict:
     """Renew after `lifetime` frames; compare `extra` frames after the switch with a never-renewed instance."""
     overlap = RENEWAL_OVERLAP_FRAMES
-    lifetime = overlap + 10
+    lifetime = 2 * overlap + 20  # the successor starts at frame lifetime - overlap, takes over at `lifetime`
     total = lifetime + extra
     inputs = frames(total)
     rng = np.random.default_rng(0)

@@ -159,14 +159,23 @@ def make_sampler(args) -> SamplerConfig:
     )
 
 
-def load_conversation(args, image) -> Conversation:
+def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
+    """The conversation, looking at the first of `images` ((label, image) pairs);
+    every one is tried first, so a bad picture fails now, not minutes in."""
     bits = BF16 if args.bf16 else args.quantize
     files = resolve_files(model=args.model, mimi=args.mimi, tokenizer=args.tokenizer, bits=bits, repo=args.hf_repo)
     which = f"{files.bits}-bit" if files.bits not in (None, BF16) else "bf16" if files.bits == BF16 else "local"
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
     tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi)  # the quick ones first
     model = load_model(files.model, dtype=args.dtype or default_dtype())
-    return Conversation(model, mimi, tokenizer, image=image, sampler=make_sampler(args))
+    conversation = Conversation(model, mimi, tokenizer, sampler=make_sampler(args))
+    for label, image in reversed(images):
+        try:
+            conversation.set_image(image)
+        except (ValueError, TypeError, OSError) as e:
+            conversation.close()
+            raise UsageError(f"--image {label}: cannot use it ({e})") from None
+    return conversation
 
 
 # -- modes -------------------------------------------------------------------------
@@ -174,9 +183,11 @@ def load_conversation(args, image) -> Conversation:
 
 def run_file_mode(args, switches: list[tuple[float, str]]) -> int:
     pcm = read_wav_mono(args.input, MIMI_SAMPLE_RATE)  # before loading: a bad file fails fast
-    first = image_argument(switches[0][1]) if switches and switches[0][0] == 0 else None
-    later = [ImageSwitch(t, image_argument(p)) for t, p in switches if t > 0]
-    conversation = load_conversation(args, first)
+    images = [(path, image_argument(path)) for _, path in switches]
+    later = [ImageSwitch(t, image) for (t, _), (_, image) in zip(switches, images) if t > 0]
+    if not switches or switches[0][0] > 0:
+        images.insert(0, ("none", None))  # no picture until the first switch
+    conversation = load_conversation(args, images)
     try:
         with WavWriter(args.output, conversation.sample_rate) as writer:
             result = converse_offline(conversation, pcm, tail_seconds=args.tail, image_switches=later,
@@ -207,7 +218,7 @@ def format_summary(stats) -> str:
 
 
 def run_live_mode(args, sd, switches: list[tuple[float, str]]) -> int:
-    conversation = load_conversation(args, image_argument(switches[0][1]) if switches else None)
+    conversation = load_conversation(args, [(path, image_argument(path)) for _, path in switches])
     try:
         return _talk_live(args, sd, conversation)
     finally:

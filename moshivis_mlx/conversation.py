@@ -105,6 +105,10 @@ def _stop_serving(tasks: queue.SimpleQueue, thread: threading.Thread) -> None:
 class Conversation:
     """A live, spoken conversation with a MoshiVis model about an image.
 
+    `mimi` is a codec (`moshivis_mlx.mimi.load_mimi(path)`) or the path of
+    Mimi's checkpoint; `tokenizer` a sentencepiece processor or the path of
+    its `.model` file.
+
     `image` (and `set_image`) takes whatever `model.stream(image=...)` takes:
     SigLIP features (num_tokens, vision_width), an `ImageKV`, None for no
     image, and image inputs as `model.embed_image` accepts them.
@@ -118,7 +122,7 @@ class Conversation:
     def __init__(
         self,
         model,
-        mimi: StreamingCodec,
+        mimi: StreamingCodec | str | Path,
         tokenizer,
         image=None,
         *,
@@ -126,6 +130,10 @@ class Conversation:
         greedy: bool = False,
         on_text: TextListener | None = None,
     ):
+        if isinstance(mimi, (str, Path)):
+            mimi = load_mimi(mimi)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
         self._text = TextStream(tokenizer)
         check_compatible(model.cfg, mimi, self._text.vocab_size)
         self.model = model

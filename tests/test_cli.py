@@ -136,12 +136,16 @@ def test_offline_with_nothing_cached(tmp_path, assets):
 
 
 def test_arguments_are_checked_first(tmp_path, assets):
-    d, _ = assets
+    d, weights = assets
     assert_clean_error(run_cli("--output", tmp_path / "o.wav"), "--output needs --input")
     assert_clean_error(run_cli("--image", tmp_path / "absent.jpg"), "no such file")
     assert_clean_error(run_cli("--input", d / "question.wav", "--output", tmp_path / "no" / "o.wav"),
                        "directory does not exist")
     assert_clean_error(run_cli("--image", f"{d / 'picture0.npy'}@3"), "file mode")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((16, 7), np.float32))  # not the vision width
+    assert_clean_error(run_cli(*weights, "--input", d / "question.wav", "--output", tmp_path / "o.wav",
+                               "--image", f"{wrong}@1"), f"--image {wrong}: cannot use it")
     assert run_cli("--model", "m", "-q", "4").returncode == 2  # argparse: one source of weights
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.mimi import load_mimi
 from moshivis_mlx.text import load_tokenizer
 from talk_support import FakeCodec, build_model, speech_like, talking_config
 
@@ -55,7 +54,7 @@ def test_step_contract(talking_model, tokenizer_path):
 
 def test_real_mimi_and_text_listeners(talking_model, mimi_path, tokenizer_path):
     heard: list[str] = []
-    conv = mv.Conversation(talking_model, load_mimi(mimi_path), load_tokenizer(tokenizer_path),
+    conv = mv.Conversation(talking_model, mimi_path, tokenizer_path,  # paths are loaded
                            image=features(1), sampler=mv.SamplerConfig(seed=3), on_text=heard.append)
     extra: list[str] = []
     conv.add_text_listener(extra.append)

@@ -99,8 +99,9 @@ def test_reset_starts_a_fresh_stream():
 
 
 def test_overlap_must_fit_in_a_lifetime():
-    with pytest.raises(ValueError, match="overlap"):
-        RenewingCodec(lambda: FakeCodec(max_frames=10), overlap_frames=10)
+    with pytest.raises(ValueError, match="at least twice the overlap"):
+        RenewingCodec(lambda: FakeCodec(max_frames=10), overlap_frames=6)
+    RenewingCodec(lambda: FakeCodec(max_frames=10), overlap_frames=5)
 
 
 def test_bad_mimi_files(tmp_path):
