@@ -15,7 +15,7 @@ from .audio_io import AudioFileError, WavWriter, read_wav_mono, write_text
 from .checkpoint import CheckpointError
 from .conversation import Conversation, IncompatibleModelError
 from .hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
-from .mimi import MIMI_SAMPLE_RATE, MimiError, load_mimi
+from .mimi import MIMI_FRAME_SIZE, MIMI_SAMPLE_RATE, MimiError, load_mimi
 from .offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
 from .sampling import SamplerConfig, TokenSampler
 from .text import TokenizerError, load_tokenizer
@@ -145,8 +145,11 @@ def check_arguments(args) -> None:
     for flag, value in (("--output", args.output), ("--record", args.record), ("--transcript", args.transcript)):
         if value is not None and not Path(value).expanduser().resolve().parent.is_dir():
             raise UsageError(f"{flag} {value}: the directory does not exist")
-    if args.max_lag <= 0 or (args.duration is not None and args.duration <= 0) or args.tail < 0:
-        raise UsageError("--max-lag and --duration must be > 0, --tail >= 0")
+    frame_seconds = MIMI_FRAME_SIZE / MIMI_SAMPLE_RATE
+    if args.max_lag < frame_seconds:
+        raise UsageError(f"--max-lag must be at least one frame ({frame_seconds:g} s)")
+    if (args.duration is not None and args.duration <= 0) or args.tail < 0:
+        raise UsageError("--duration must be > 0 and --tail >= 0")
 
 
 def make_sampler(args) -> SamplerConfig:

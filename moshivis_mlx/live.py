@@ -118,6 +118,7 @@ class LiveStats:
     underruns: int = 0  # speaker callbacks that found too little audio
     underrun_seconds: float = 0.0  # silence played instead
     input_overflows: int = 0  # microphone blocks lost before the worker saw them
+    output_overflow_seconds: float = 0.0  # answers dropped because the speaker took them too slowly
     lag_seconds: float = 0.0
     max_lag_seconds: float = 0.0
     image_switches: int = 0
@@ -154,12 +155,13 @@ class OutputBuffer:
 
     def push(self, samples: np.ndarray) -> int:
         """Append; returns how many of the oldest samples were dropped to make room."""
-        samples = samples[-len(self._buf) :]
         cap = len(self._buf)
+        too_many = max(0, len(samples) - cap)
+        samples = samples[too_many:]
         with self._lock:
-            dropped = max(0, self._size + len(samples) - cap)
-            self._read = (self._read + dropped) % cap
-            self._size -= dropped
+            dropped = too_many + max(0, self._size + len(samples) - cap)
+            self._read = (self._read + dropped - too_many) % cap
+            self._size -= dropped - too_many
             start = (self._read + self._size) % cap
             first = min(len(samples), cap - start)
             self._buf[start : start + first] = samples[:first]
@@ -380,7 +382,8 @@ class LiveSession:
         stats.recent_step_seconds.append(took)
         if self._recorder is not None:
             self._recorder.write(np.stack([frame, out], axis=1))
-        self._output.push(self._to_speaker.process(out))
+        dropped = self._output.push(self._to_speaker.process(out))
+        stats.output_overflow_seconds += dropped / stats.output_rate
         self._playing = True
         if text:
             self.events.put(("text", text))

@@ -146,6 +146,7 @@ def test_arguments_are_checked_first(tmp_path, assets):
     np.save(wrong, np.zeros((16, 7), np.float32))  # not the vision width
     assert_clean_error(run_cli(*weights, "--input", d / "question.wav", "--output", tmp_path / "o.wav",
                                "--image", f"{wrong}@1"), f"--image {wrong}: cannot use it")
+    assert_clean_error(run_cli("--max-lag", "0.05"), "at least one frame")
     assert run_cli("--model", "m", "-q", "4").returncode == 2  # argparse: one source of weights
 
 

@@ -167,6 +167,9 @@ def test_output_buffer_fifo_wraps_and_drops_the_oldest():
     out = np.full(7, -1, np.float32)
     assert buf.pull(out) == 5 and out.tolist() == [11, 12, 13, 20, 21, 0, 0]  # then silence
     assert buf.size == 0
+    assert buf.push(np.arange(8, dtype=np.float32)) == 3  # more than it holds: the newest five stay
+    out = np.zeros(5, np.float32)
+    assert buf.pull(out) == 5 and out.tolist() == [3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize(
