@@ -139,9 +139,12 @@ def test_slow_machine_keeps_lag_bounded(tmp_path, jack_24k, weights):
     """A model four times slower than real time: drops are counted, the lag stays bounded."""
     max_lag, step_delay, duration = 0.4, 0.3, 5.0
     stats_path = tmp_path / "stats.json"
+    listing = subprocess.run([sys.executable, "-m", "moshivis_mlx", "--list-devices"], capture_output=True,
+                             text=True, env={**jack_24k, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert listing.returncode == 0 and "system, JACK" in listing.stdout
     proc, _, stderr = start_cli(
         [*weights, "--duration", duration, "--max-lag", max_lag, "--debug-step-delay", step_delay,
-         "--debug-stats-json", stats_path], jack_24k, tmp_path)
+         "--debug-stats-json", stats_path, "--input-device", "system", "--output-device", "0"], jack_24k, tmp_path)
     proc.stdin.close()
     assert proc.wait(timeout=180) == 0, stderr.read_text()
     stats = json.loads(stats_path.read_text())
