@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--seed", type=int, help="make the answer reproducible")
     sampling.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
-    sampling.add_argument("--text-temperature", type=float, default=_SAMPLER.text.temperature)
-    sampling.add_argument("--text-top-k", type=int, default=_SAMPLER.text.top_k)
-    sampling.add_argument("--audio-temperature", type=float, default=_SAMPLER.audio.temperature)
-    sampling.add_argument("--audio-top-k", type=int, default=_SAMPLER.audio.top_k)
+    for stream, sampler in (("text", _SAMPLER.text), ("audio", _SAMPLER.audio)):
+        sampling.add_argument(f"--{stream}-temperature", type=float, default=sampler.temperature, metavar="T",
+                              help=f"(default {sampler.temperature:g})")
+        sampling.add_argument(f"--{stream}-top-k", type=int, default=sampler.top_k, metavar="K",
+                              help=f"(default {sampler.top_k})")
     # Debugging aids for tests: a slower machine, and the live statistics as JSON.
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)

@@ -93,6 +93,7 @@ def _serve(tasks: queue.SimpleQueue) -> None:
                 future.set_result(fn(*args))
             except BaseException as e:  # handed to the caller
                 future.set_exception(e)
+        del task, future, fn, args  # hold nothing between tasks, so the conversation can be collected
     mx.clear_streams()
 
 

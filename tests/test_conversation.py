@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 
 import numpy as np
@@ -137,3 +138,17 @@ def test_from_pretrained_with_local_files(talking_checkpoint, mimi_path, tokeniz
                                            dtype="float32", sampler=mv.SamplerConfig(seed=0))
     out, _ = conv.step(np.zeros(FRAME, np.float32))
     assert out.shape == (FRAME,)
+
+
+def test_a_dropped_conversation_stops_its_thread(talking_model, tokenizer_path):
+    conv = mv.Conversation(talking_model, FakeCodec(), load_tokenizer(tokenizer_path))
+    conv.step(np.zeros(FRAME, np.float32))
+    thread = conv._thread._thread
+    del conv
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    closed = mv.Conversation(talking_model, FakeCodec(), load_tokenizer(tokenizer_path))
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.step(np.zeros(FRAME, np.float32))
