@@ -10,7 +10,14 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import CheckpointError, load_safetensors
 from .config import ModelConfig, moshika_vis
-from .layouts import LAYOUT_NATIVE, LAYOUT_PYTORCH, LAYOUT_UPSTREAM_MLX, detect_layout, from_pytorch
+from .layouts import (
+    LAYOUT_NATIVE,
+    LAYOUT_PYTORCH,
+    LAYOUT_UPSTREAM_MLX,
+    LayoutError,
+    detect_layout,
+    from_pytorch,
+)
 from .model import MoshiVis
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -55,7 +62,10 @@ def to_native(weights: dict[str, mx.array], cfg: ModelConfig, path: Path) -> dic
     layout = detect_layout(weights)
     if layout == LAYOUT_PYTORCH:
         weights = dict(weights)
-        native, missing = from_pytorch(weights, cfg)
+        try:
+            native, missing = from_pytorch(weights, cfg)
+        except LayoutError as e:
+            raise CheckpointError(path, str(e)) from None
         if missing:
             raise CheckpointError(path, f"missing {len(missing)} tensor(s): {_describe(missing)}")
         if weights:

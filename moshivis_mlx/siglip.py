@@ -2,7 +2,13 @@
 
 Parameter names follow Hugging Face's `SiglipVisionTransformer`, so the
 released checkpoint maps onto it by dropping a prefix; only the patch
-convolution needs a transpose (PyTorch stores it out x in x kh x kw).
+convolution changes layout (PyTorch stores it out x in x kh x kw, we keep
+out x kh x kw x in like an MLX conv).
+
+The tower runs at any image size: when the grid of patches differs from the
+one the position embeddings were trained on, they are resized with bicubic
+interpolation exactly as `transformers`' `interpolate_pos_encoding` does (the
+official MoshiVis encoder always passes `interpolate_pos_encoding=True`).
 """
 
 from __future__ import annotations
@@ -11,20 +17,57 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import VisionConfig
+from .resample import bicubic_matrix
+
+RGB_CHANNELS = 3
+
+
+class PatchEmbedding(nn.Module):
+    """The stride = kernel convolution of ViTs, as one reshape and one matmul.
+
+    Like PyTorch's conv, pixels beyond the last whole patch are ignored.
+    """
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.weight = mx.zeros((width, patch_size, patch_size, RGB_CHANNELS))  # MLX conv layout
+        self.bias = mx.zeros((width,))
+
+    def __call__(self, pixels: mx.array) -> tuple[mx.array, int, int]:
+        """(B, H, W, 3) -> ((B, gh * gw, width), gh, gw)."""
+        b, h, w, c = pixels.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p
+        x = pixels[:, : gh * p, : gw * p]
+        x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+        weight = self.weight.reshape(self.weight.shape[0], -1)
+        return mx.addmm(self.bias.astype(x.dtype), x, weight.T.astype(x.dtype)), gh, gw
 
 
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.patch_size = cfg.patch_size
-        self.patch_embedding = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.grid_size = cfg.grid_size  # of the position table
+        self.patch_embedding = PatchEmbedding(cfg.width, cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.num_tokens, cfg.width)
+
+    def positions(self, grid_h: int, grid_w: int) -> mx.array:
+        """Position embeddings (gh * gw, width) for a grid of that size."""
+        table = self.position_embedding.weight
+        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
+            return table
+        g = self.grid_size
+        rows = mx.array(bicubic_matrix(g, grid_h))  # (gh, g)
+        cols = mx.array(bicubic_matrix(g, grid_w))  # (gw, g)
+        grid = table.astype(mx.float32).reshape(g, g, -1)
+        resized = mx.einsum("ai,ijd,bj->abd", rows, grid, cols)
+        return resized.reshape(grid_h * grid_w, -1).astype(table.dtype)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> (B, N, width)."""
-        x = self.patch_embedding(pixels)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        return x + self.position_embedding.weight.astype(x.dtype)
+        x, gh, gw = self.patch_embedding(pixels)
+        return x + self.positions(gh, gw).astype(x.dtype)
 
 
 class SiglipAttention(nn.Module):
@@ -55,7 +98,7 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(nn.gelu_approx(self.fc1(x)))  # tanh GELU, as gelu_pytorch_tanh
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -85,14 +128,62 @@ class SiglipVisionTower(nn.Module):
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype of its float weights (the position table is never quantized)."""
+        return self.embeddings.position_embedding.weight.dtype
+
     def __call__(self, pixels: mx.array) -> mx.array:
-        """(B, H, W, 3) normalised to [-1, 1] -> last hidden state (B, N, width)."""
+        """(B, H, W, 3) normalised to [-1, 1] -> last hidden state (B, N, width).
+
+        Computes in the dtype of `pixels`: float32 pixels through bf16 weights
+        run in float32 while the weights stay bf16 in memory.
+        """
+        if pixels.ndim != 4 or pixels.shape[-1] != RGB_CHANNELS:
+            raise ValueError(f"pixels must have shape (B, H, W, 3), got {tuple(pixels.shape)}")
+        p = self.cfg.patch_size
+        if pixels.shape[1] < p or pixels.shape[2] < p:
+            raise ValueError(f"images must be at least {p} x {p} pixels, got {pixels.shape[1]} x {pixels.shape[2]}")
         x = self.embeddings(pixels)
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)
 
 
-def sanitize_patch_embedding(weight: mx.array) -> mx.array:
-    """PyTorch conv (out, in, kh, kw) -> MLX conv (out, kh, kw, in)."""
-    return weight.transpose(0, 2, 3, 1)
+# -- loading and precision ---------------------------------------------------
+
+
+def sanitize_patch_embedding(weight: mx.array, cfg: VisionConfig) -> mx.array:
+    """Patch convolution weight in PyTorch (out, in, kh, kw) or MLX (out, kh, kw, in)
+    layout -> MLX layout. Idempotent; any other shape is an error."""
+    p, c = cfg.patch_size, RGB_CHANNELS
+    mlx_shape, torch_shape = (cfg.width, p, p, c), (cfg.width, c, p, p)
+    shape = tuple(weight.shape)
+    if shape == torch_shape and shape != mlx_shape:
+        return weight.transpose(0, 2, 3, 1)
+    if shape == mlx_shape:
+        return weight
+    raise ValueError(
+        f"patch embedding weight has shape {shape}; expected {torch_shape} (PyTorch) or {mlx_shape} (MLX)"
+    )
+
+
+def is_quantizable_vision_layer(path: str, module: nn.Module, group_size: int) -> bool:
+    """Only the Linear layers of the encoder blocks.
+
+    The patch embedding (588 inputs, not a multiple of any group size, and
+    0.2 % of the weights) and the position table (added, not multiplied, and
+    resized when the image size changes) stay in floating point: quantizing
+    them would save almost nothing and add error to every token.
+    """
+    return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+
+def quantize_vision_tower(tower: SiglipVisionTower, bits: int = 8, group_size: int = 64) -> None:
+    """Quantize the tower's encoder Linear layers in place (affine, mlx's format)."""
+    nn.quantize(
+        tower,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda path, m: is_quantizable_vision_layer(path, m, group_size),
+    )
