@@ -82,7 +82,7 @@ def to_native(weights: dict[str, mx.array], cfg: ModelConfig, path: Path) -> dic
     )
 
 
-def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Path, has_config: bool) -> None:
+def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Path) -> None:
     """Every parameter filled, nothing left over, every shape right."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -100,8 +100,6 @@ def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Pat
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_describe(wrong)}")
     if problems:
-        if not has_config:
-            problems.append(f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed")
         raise CheckpointError(path, "; ".join(problems))
 
 
@@ -116,9 +114,15 @@ def load(path: str | Path, dtype: str = "bfloat16", config: ModelConfig | None =
     weights_path, config_path = resolve_checkpoint(path)
     cfg = config or read_config(config_path)
     raw = load_safetensors(weights_path)
-    weights = to_native(raw, cfg, weights_path)
     model = MoshiVis(cfg)
-    check_against_model(model, weights, weights_path, has_config=config is not None or config_path is not None)
+    try:
+        weights = to_native(raw, cfg, weights_path)
+        check_against_model(model, weights, weights_path)
+    except CheckpointError as e:
+        if config is None and config_path is None:
+            hint = f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed"
+            raise CheckpointError(e.path, f"{e.problem}; {hint}") from None
+        raise
     target = _DTYPES[dtype]
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

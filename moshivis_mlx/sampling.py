@@ -5,14 +5,24 @@ temperature first, then top-k and top-p filter the tempered distribution, then
 one token is drawn. Filters come from `mlx_lm.sample_utils`. Randomness comes
 from explicit PRNG keys, so a seeded stream is reproducible whatever else uses
 `mx.random` in the process.
+
+`mlx_lm` is imported on first use only: its package import pulls in
+`transformers` (seconds, and torch where installed), which a greedy stream or a
+plain `import moshivis_mlx` should not pay for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+
+
+def _sample_utils() -> ModuleType:
+    from mlx_lm import sample_utils
+
+    return sample_utils
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,9 @@ class TokenSampler:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
         logprobs = nn_log_softmax(logits.astype(mx.float32) / self.temperature)
         if 0 < self.top_k < logits.shape[-1]:
-            logprobs = apply_top_k(logprobs, self.top_k)
+            logprobs = _sample_utils().apply_top_k(logprobs, self.top_k)
         if self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
+            logprobs = _sample_utils().apply_top_p(logprobs, self.top_p)
         return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
 
 
@@ -85,7 +95,7 @@ class RepetitionPenalty:
         self.window = window
         self.recent = mx.full((window,), vocab, dtype=mx.int32)
         self.padding_ids = mx.array(padding_ids, dtype=mx.int32)
-        self._apply = make_repetition_penalty(penalty, window)
+        self._apply = _sample_utils().make_repetition_penalty(penalty, window)
         self._count = 0
 
     def __call__(self, logits: mx.array) -> mx.array:

@@ -28,6 +28,8 @@ class StepOutput:
     tokens: mx.array | None  # (1 + num_generated,) delay-aligned frame; None while delays fill
     text_logits: mx.array  # (text_card,) of this step
     audio_logits: mx.array  # (num_generated, audio_card) of this step
+    transformer_out: mx.array  # (dim,) normed temporal output: input of both heads
+    input_tokens: mx.array  # (1 + num_audio_codebooks,) what the temporal transformer embedded
 
 
 class Stream:
@@ -137,7 +139,13 @@ class Stream:
         if self.offset > cfg.max_delay:
             positions = (self.offset - cfg.max_delay + self._delays[: 1 + self._num_gen]) % self._ring_len
             frame = mx.take_along_axis(self._ring[: 1 + self._num_gen], mx.array(positions)[:, None], axis=1)[:, 0]
-        out = StepOutput(tokens=frame, text_logits=text_logits[0], audio_logits=audio_logits)
+        out = StepOutput(
+            tokens=frame,
+            text_logits=text_logits[0],
+            audio_logits=audio_logits,
+            transformer_out=temporal_out[0],
+            input_tokens=tokens_in,
+        )
         pending = [out.text_logits, out.audio_logits, self._ring] + [c for cache in self._temporal_cache for c in cache.state]
         if frame is not None:
             pending.append(frame)

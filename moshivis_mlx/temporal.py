@@ -132,17 +132,17 @@ class TemporalTransformer(nn.Module):
         return x
 
     def forward_sequence(
-        self, x: mx.array, image: ImageKV | None = None, xa_start: int = 0
+        self, x: mx.array, image: ImageKV | None = None, xa_start: int = 0, context: int | None = None
     ) -> mx.array:
         """Causal forward of a whole sequence (B, T, dim) starting at step 0.
 
-        The sliding window is applied through the mask, so this is the reference
-        the streaming path must match.
+        The sliding window (`context`, the configured one by default) is applied
+        through the mask, so this is the reference the streaming path must match.
         """
         t = x.shape[1]
         steps = mx.arange(t)
         delta = steps[:, None] - steps[None, :]
-        mask = (delta >= 0) & (delta < self.cfg.context)
+        mask = (delta >= 0) & (delta < (context or self.cfg.context))
         xa_active = (steps >= xa_start)[None, :, None]
         for layer in self.layers:
             x = x + layer.self_attn.forward_sequence(layer.norm1(x), mask)
