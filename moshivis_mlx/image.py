@@ -22,11 +22,14 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
 from .resample import antialiased_bicubic_taps
+
+if TYPE_CHECKING:  # Pillow is imported when an image is actually read
+    import PIL.Image
 
 FIT_STRETCH = "stretch"  # square resize, aspect ratio ignored (official)
 FIT_PAD = "pad"  # longer side to the size, grey bars around

@@ -4,7 +4,6 @@ resize, the fit options, and one clear error for each kind of bad image."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from moshivis_mlx.image import (
     resize_bicubic,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
+from conftest import FIXTURE_A as FIXTURE
 LOSSLESS = ["PNG", "BMP", "TIFF", "WEBP"]
 SUFFIX = {"PNG": ".png", "BMP": ".bmp", "TIFF": ".tiff", "WEBP": ".webp", "JPEG": ".jpg", "GIF": ".gif"}
 

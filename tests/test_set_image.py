@@ -8,27 +8,20 @@ outputs with the token conventions of the official code (fixtures/README.md).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file
 
 import moshivis_mlx
 from moshivis_mlx.siglip import SiglipVisionTower
 
-FIXTURE = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
+from conftest import FIXTURE_A as FIXTURE
 ATOL_F32 = 1e-4  # streaming vs whole-sequence float32: rounding only
 ATOL_OFFICIAL = 1e-3  # against the official PyTorch logits (fixtures/README.md)
 NUM_STEPS = 20
 SWITCH_AT = 9  # well after xa_start = 3, so image 1 has shaped the history
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, np.ndarray]:
-    return load_file(FIXTURE / "reference.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -3,32 +3,23 @@ PyTorch outputs of fixture A and against `transformers.SiglipVisionModel`."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import moshivis_mlx
 from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
-from moshivis_mlx.loading import read_config
 from moshivis_mlx.resample import bicubic_matrix
 from moshivis_mlx.siglip import SiglipVisionTower
 
-FIXTURE = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
+from conftest import FIXTURE_A as FIXTURE, fixture_config
 ATOL_F32 = 1e-4  # float32 against float32: rounding only (observed ~3e-6)
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, np.ndarray]:
-    return load_file(FIXTURE / "reference.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +29,7 @@ def model_f32():
 
 @pytest.fixture(scope="module")
 def model_msnorm_f32():
-    cfg = dataclasses.replace(read_config(FIXTURE / "config.json"), depformer_norm=NORM_MEAN_SQUARE)
-    return moshivis_mlx.load(FIXTURE, dtype="float32", config=cfg)
+    return moshivis_mlx.load(FIXTURE, dtype="float32", config=fixture_config(NORM_MEAN_SQUARE))
 
 
 def kv_rows(kv) -> tuple[np.ndarray, np.ndarray]:
