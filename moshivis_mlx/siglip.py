@@ -13,6 +13,9 @@ official MoshiVis encoder always passes `interpolate_pos_encoding=True`).
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -20,6 +23,19 @@ from .config import VisionConfig
 from .resample import bicubic_matrix
 
 RGB_CHANNELS = 3
+GELU_TANH_SCALE = math.sqrt(2 / math.pi)
+GELU_TANH_CUBIC = 0.044715
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_tanh(x: mx.array) -> mx.array:
+    """transformers' `gelu_pytorch_tanh`, 0.5 x (1 + tanh(z)), written as x sigmoid(2 z).
+
+    The same function; this form avoids `x ** 3` (a transcendental `pow`) and
+    one pass, which on MLX's CPU backend makes it about twice as fast as
+    `nn.gelu_approx`, and it cannot cancel to 0 - 0 for large negative x.
+    """
+    return x * mx.sigmoid((2 * GELU_TANH_SCALE) * (x + GELU_TANH_CUBIC * x * x * x))
 
 
 class PatchEmbedding(nn.Module):
@@ -98,7 +114,7 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))  # tanh GELU, as gelu_pytorch_tanh
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class SiglipEncoderLayer(nn.Module):

@@ -16,7 +16,7 @@ from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
 from moshivis_mlx.resample import bicubic_matrix
-from moshivis_mlx.siglip import SiglipVisionTower
+from moshivis_mlx.siglip import SiglipVisionTower, gelu_tanh
 
 from conftest import FIXTURE_A as FIXTURE, fixture_config
 ATOL_F32 = 1e-4  # float32 against float32: rounding only (observed ~3e-6)
@@ -166,6 +166,12 @@ def test_bicubic_matrix_matches_torch(size_in, size_out):
         torch.from_numpy(grid).permute(2, 0, 1)[None], size=(size_out, size_out), mode="bicubic", align_corners=False
     )[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_gelu_tanh_matches_torch():
+    x = np.linspace(-30, 30, 20001, dtype=np.float32)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    np.testing.assert_allclose(np.array(gelu_tanh(mx.array(x))), expected, rtol=1e-6, atol=1e-6)
 
 
 # -- loading ----------------------------------------------------------------
