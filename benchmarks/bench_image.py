@@ -3,7 +3,7 @@ tower (So400m: 27 layers, width 1152, 1024 tokens; random weights).
 
     python benchmarks/bench_image.py                      # every variant, one process each
     python benchmarks/bench_image.py --variants float32 bf16-store
-    python benchmarks/bench_image.py --blas both          # with and without OpenBLAS preloaded
+    python benchmarks/bench_image.py --blas both          # with and without OpenBLAS
 
 Variants (weights in memory / compute dtype):
   float32     float32 / float32
@@ -16,8 +16,8 @@ weights are materialised layer by layer so construction does not inflate it.
 Timed: one call of the tower on preprocessed pixels (the first call, as an
 app would see it, unless --repeats > 1: then the best), plus, separately,
 decoding and resizing a 1920 x 1080 JPEG. On Linux, MLX's CPU wheel ships a
-reference BLAS; `--blas openblas` preloads Debian's OpenBLAS
-(`apt-get install libopenblas0-pthread`) for the float32 matmuls.
+reference BLAS; the system OpenBLAS is used when installed
+(`moshivis_mlx.blas`), and `--blas bundled` / `both` measures without it.
 """
 
 from __future__ import annotations
@@ -33,17 +33,20 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moshivis_mlx.blas import OPT_OUT_VARIABLE, use_optimized_blas  # noqa: E402
+
+BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
+
+import mlx.core as mx  # noqa: E402
 
 from moshivis_mlx.config import VisionConfig  # noqa: E402
 from moshivis_mlx.image import preprocess  # noqa: E402
 from moshivis_mlx.siglip import SiglipVisionTower, quantize_vision_tower  # noqa: E402
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 VARIANTS = {  # name: (weight dtype, compute dtype, quantization bits)
     "float32": (mx.float32, mx.float32, None),
     "bf16": (mx.bfloat16, mx.bfloat16, None),
@@ -119,45 +122,45 @@ def run_variant(name: str, repeats: int) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mb": rss_before / 1024,
         "preprocess_seconds": time_preprocessing(),
-        "openblas": OPENBLAS in os.environ.get("LD_PRELOAD", ""),
+        "blas": BLAS.library or "bundled reference BLAS",
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--blas", choices=("default", "openblas", "both"), default="default")
+    parser.add_argument("--blas", choices=("optimized", "bundled", "both"), default="optimized")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per variant (best is kept)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.one, args.repeats)))
         return
-    blas_runs = {"default": [False], "openblas": [True], "both": [False, True]}[args.blas]
-    if any(blas_runs) and not Path(OPENBLAS).exists():
-        sys.exit(f"{OPENBLAS} not found: apt-get install -y libopenblas0-pthread")
+    blas_runs = {"optimized": [True], "bundled": [False], "both": [False, True]}[args.blas]
     cfg = VisionConfig()
     print(
         f"SigLIP So400m, {cfg.image_size}x{cfg.image_size} -> {cfg.num_tokens} tokens, "
         f"{tower_flops(cfg) / 1e12:.2f} TFLOP; {platform.machine()} {platform.system()}, "
         f"{os.cpu_count()} cores, mlx {mx.__version__}, device {mx.default_device()}"
     )
-    print("| variant | OpenBLAS | seconds | CPU s | GFLOP/s | weights MB | MLX peak MB | peak RSS MB | preprocess s |")
+    print("| variant | BLAS | seconds | CPU s | GFLOP/s | weights MB | MLX peak MB | peak RSS MB | preprocess s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for use_openblas in blas_runs:
+    for optimized in blas_runs:
         for name in args.variants:
             env = dict(os.environ)
-            env.pop("LD_PRELOAD", None)
-            if use_openblas:
-                env["LD_PRELOAD"] = OPENBLAS
+            if optimized:
+                env.pop(OPT_OUT_VARIABLE, None)
+            else:
+                env[OPT_OUT_VARIABLE] = "bundled"
+                env.pop("LD_PRELOAD", None)
             command = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats)]
             out = subprocess.run(command, env=env, capture_output=True, text=True)
             if out.returncode:
-                print(f"| {name} | {use_openblas} | failed: {out.stderr.strip().splitlines()[-1]} |")
+                print(f"| {name} | {'optimized' if optimized else 'bundled'} | failed: {out.stderr.strip()[-300:]} |")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(
-                f"| {name} | {'yes' if r['openblas'] else 'no'} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                f"| {name} | {Path(r['blas']).name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
                 f"{r['gflops_per_s']:.0f} | {r['weights_mb']:.0f} | {r['mlx_peak_mb']:.0f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['preprocess_seconds']:.2f} |",
                 flush=True,

@@ -1,24 +1,52 @@
-"""MoshiVis, Kyutai's vision-speech model, on Apple Silicon with MLX."""
+"""MoshiVis, Kyutai's vision-speech model, on Apple Silicon with MLX.
 
-from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
-from .model import MoshiVis
-from .sampling import SamplerConfig, TokenSampler
-from .loading import load
-from .checkpoint import CheckpointError
-from .stream import Stream, StepOutput
-from .temporal import ImageKV
+Names are imported on first use, so `import moshivis_mlx` is instant and
+`moshivis_mlx.blas` can run before MLX itself is loaded.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "DepformerConfig",
-    "ImageKV",
-    "ModelConfig",
-    "load",
-    "MoshiVis",
-    "SamplerConfig",
-    "StepOutput",
-    "Stream",
-    "TokenSampler",
-    "VisionConfig",
-    "moshika_vis",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "DepformerConfig": "config",
+    "ImageError": "image",
+    "ImageKV": "temporal",
+    "ModelConfig": "config",
+    "MoshiVis": "model",
+    "SamplerConfig": "sampling",
+    "StepOutput": "stream",
+    "Stream": "stream",
+    "TokenSampler": "sampling",
+    "VisionConfig": "config",
+    "load": "loading",
+    "moshika_vis": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moshivis_mlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError
+    from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
+    from .image import ImageError
+    from .loading import load
+    from .model import MoshiVis
+    from .sampling import SamplerConfig, TokenSampler
+    from .stream import StepOutput, Stream
+    from .temporal import ImageKV

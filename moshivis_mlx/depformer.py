@@ -9,9 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, RingKVCache, make_norm, merge_heads, split_heads
+from .layers import GatedFFN, make_norm, merge_heads, split_heads
 
-Sampler = Callable[[mx.array], mx.array]
+# (logits (1, audio_card), codebook index k) -> token (1,)
+Sampler = Callable[[mx.array, int], mx.array]
 
 
 class DepformerAttention(nn.Module):
@@ -24,10 +25,13 @@ class DepformerAttention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, cache: RingKVCache) -> mx.array:
+    def __call__(self, x: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
+        """Attend over this frame's earlier steps; appends this step's (k, v) to `past`."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
-        k, v = cache.update_and_fetch(k, v)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        past.append((k, v))
+        keys = mx.concatenate([p[0] for p in past], axis=2) if len(past) > 1 else k
+        values = mx.concatenate([p[1] for p in past], axis=2) if len(past) > 1 else v
+        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
         return self.out_proj(merge_heads(y))
 
 
@@ -73,35 +77,27 @@ class Depformer(nn.Module):
             DepformerStep(cfg, (cfg.text_card if k == 0 else cfg.audio_card) + 1) for k in range(dep.num_steps)
         ]
 
-    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
-        dep = self.cfg.depformer
-        return [RingKVCache(dep.num_steps, dep.num_heads, dep.head_dim, dtype) for _ in range(dep.num_layers)]
-
     def __call__(
-        self,
-        temporal_out: mx.array,
-        text_token: mx.array,
-        sampler: Sampler,
-        caches: list[RingKVCache],
+        self, temporal_out: mx.array, text_token: mx.array, sampler: Sampler
     ) -> tuple[mx.array, mx.array]:
         """One frame: `temporal_out` (1, dim) and the text token (1,) just sampled.
 
         Returns the sampled audio tokens (num_steps,) and their logits
         (num_steps, audio_card). Every step is conditioned on the token sampled
-        by the step before it.
+        by the step before it; attention only sees the current frame, so the
+        per-layer history starts empty each call.
         """
-        for cache in caches:
-            cache.reset()
         inputs = self.input_proj(temporal_out).reshape(-1, 1, self.cfg.depformer.dim)  # (K, 1, d)
+        past: list[list[tuple[mx.array, mx.array]]] = [[] for _ in self.layers]
         token = text_token
         tokens, logits = [], []
         for k, step in enumerate(self.steps):
             x = (inputs[k] + step.emb(token))[None]  # (1, 1, d)
-            for norms, weights, cache in zip(self.layers, step.layers, caches):
-                x = x + weights.self_attn(norms.norm1(x), cache)
+            for norms, weights, layer_past in zip(self.layers, step.layers, past):
+                x = x + weights.self_attn(norms.norm1(x), layer_past)
                 x = x + weights.gating(norms.norm2(x))
             step_logits = step.linear_out(x[0])  # (1, audio_card)
-            token = sampler(step_logits)
+            token = sampler(step_logits, k)
             tokens.append(token)
             logits.append(step_logits)
         return mx.concatenate(tokens), mx.concatenate(logits)

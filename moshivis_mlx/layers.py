@@ -65,43 +65,58 @@ class GatedFFN(nn.Module):
 def split_heads(x: mx.array, num_heads: int) -> mx.array:
     """(B, T, H*D) -> (B, H, T, D)."""
     b, t, _ = x.shape
+    if t == 1:  # one step: the transpose is a pure reshape, and one op cheaper
+        return x.reshape(b, num_heads, 1, -1)
     return x.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x: mx.array) -> mx.array:
     """(B, H, T, D) -> (B, T, H*D)."""
     b, h, t, d = x.shape
+    if t == 1:
+        return x.reshape(b, 1, h * d)
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
-class RingKVCache:
-    """A fixed-size key/value window that never grows.
+class KVWindow:
+    """The temporal transformer's keys and values: a fixed window that never grows.
 
-    Slot `t % size` holds step t. Keys carry their RoPE rotation already, and a
-    single query attends to the whole window without a mask, so the order of the
-    slots does not matter; until the window is full only the written prefix is
-    returned.
+    Slot `t % size` holds step t. Keys carry their RoPE rotation already and a
+    single query attends to the whole window, so the order of the slots does not
+    matter; slots not yet written are masked out. Shapes never change, so a
+    compiled step is traced once, and memory is the same at step 10 and 10^6.
     """
 
-    def __init__(self, size: int, num_heads: int, head_dim: int, dtype: mx.Dtype):
+    def __init__(self, num_layers: int, size: int, num_heads: int, head_dim: int, dtype: mx.Dtype):
         self.size = size
         shape = (1, num_heads, size, head_dim)
-        self.keys = mx.zeros(shape, dtype)
-        self.values = mx.zeros(shape, dtype)
-        self.offset = 0  # steps written so far
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        slot = self.offset % self.size
-        self.keys[:, :, slot : slot + 1] = keys
-        self.values[:, :, slot : slot + 1] = values
-        self.offset += 1
-        if self.offset < self.size:
-            return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        self.offset = 0
+        self.keys = [mx.zeros(shape, dtype) for _ in range(num_layers)]
+        self.values = [mx.zeros(shape, dtype) for _ in range(num_layers)]
 
     @property
     def state(self) -> list[mx.array]:
-        return [self.keys, self.values]
+        return self.keys + self.values
+
+
+def visible_slots(offset: int, size: int, smallest: int = 256) -> int:
+    """How much of a window of `size` slots a step must read: all of it once full,
+    else the written prefix rounded up to a power of two, so that a compiled step
+    sees only a handful of shapes while the window fills (log2(size / smallest) + 1)."""
+    if offset + 1 >= size:
+        return size
+    bucket = smallest
+    while bucket < offset + 1:
+        bucket *= 2
+    return min(bucket, size)
+
+
+def write_window(
+    window: mx.array, update: mx.array, offset: mx.array, visible: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Write step `offset`'s (1, H, 1, D) entry.
+
+    Returns the whole window, its first `visible` slots and their validity mask.
+    """
+    size = window.shape[2]
+    window = mx.slice_update(window, update, (offset % size).reshape(1), axes=(2,))
+    return window, window[:, :, :visible], mx.arange(visible) <= offset

@@ -6,20 +6,37 @@ one token is drawn. Filters come from `mlx_lm.sample_utils`. Randomness comes
 from explicit PRNG keys, so a seeded stream is reproducible whatever else uses
 `mx.random` in the process.
 
-`mlx_lm` is imported on first use only: its package import pulls in
-`transformers` (seconds, and torch where installed), which a greedy stream or a
-plain `import moshivis_mlx` should not pay for.
+`mlx_lm.sample_utils` depends on nothing but MLX, but importing it through
+the package runs `mlx_lm/__init__.py`, which pulls in `transformers` (and torch
+where installed: ~5 s before the first sampled token) and edits `os.environ`.
+So the module file is loaded on its own, on first use; if that ever stops
+working, the normal import is the fallback.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
 
+@functools.cache
 def _sample_utils() -> ModuleType:
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "sample_utils.py"
+        file_spec = importlib.util.spec_from_file_location("moshivis_mlx._mlx_lm_sample_utils", path)
+        if file_spec is not None and file_spec.loader is not None:
+            module = importlib.util.module_from_spec(file_spec)
+            try:
+                file_spec.loader.exec_module(module)
+                return module
+            except ImportError:
+                pass
     from mlx_lm import sample_utils
 
     return sample_utils
@@ -84,26 +101,29 @@ class SamplerConfig:
 
 
 class RepetitionPenalty:
-    """Sign-aware penalty on the text tokens of the last `window` steps, kept on device.
+    """Sign-aware penalty on the text tokens of the last `window` steps.
 
-    Padding tokens are stored as an extra, never-sampled column: the text stream
-    is mostly padding, and penalising it would make the model talk non-stop.
+    The recent tokens live in a device array that the caller threads through
+    the step (`penalize`, then `remember`), so a compiled step stays pure.
+    Padding tokens are stored as an extra, never-sampled column: the text
+    stream is mostly padding, and penalising it would make the model talk
+    non-stop.
     """
 
     def __init__(self, penalty: float, window: int, vocab: int, padding_ids: tuple[int, ...]):
         self.vocab = vocab
         self.window = window
-        self.recent = mx.full((window,), vocab, dtype=mx.int32)
         self.padding_ids = mx.array(padding_ids, dtype=mx.int32)
         self._apply = _sample_utils().make_repetition_penalty(penalty, window)
-        self._count = 0
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def initial_recent(self) -> mx.array:
+        return mx.full((self.window,), self.vocab, dtype=mx.int32)
+
+    def penalize(self, logits: mx.array, recent: mx.array) -> mx.array:
         extended = mx.concatenate([logits, mx.zeros((logits.shape[0], 1), logits.dtype)], axis=-1)
-        return self._apply(self.recent, extended)[:, : self.vocab]
+        return self._apply(recent, extended)[:, : self.vocab]
 
-    def record(self, token: mx.array) -> None:
+    def remember(self, recent: mx.array, token: mx.array, step: mx.array) -> mx.array:
         is_padding = (token[:, None] == self.padding_ids).any(axis=-1)
-        slot = self._count % self.window
-        self.recent[slot : slot + 1] = mx.where(is_padding, self.vocab, token)
-        self._count += 1
+        entry = mx.where(is_padding, self.vocab, token)
+        return mx.slice_update(recent, entry, (step % self.window).reshape(1), axes=(0,))

@@ -5,17 +5,24 @@ user's. A stream with delay d sees at step t the token of frame t - d; the
 first `d + 1` steps of each stream see its initial token instead. All
 bookkeeping lives in a small ring of token columns on the device, so a step
 never synchronises with the host and a conversation has no length limit.
+
+The model part of a step (temporal transformer, text sampling, depformer) is
+one pure function of the step's inputs and the KV window, compiled once per
+stream with `mx.compile`: every shape is fixed, so it is traced on the first
+step (once more when the cross-attention switches on) and replayed after.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .config import TEXT_PADDING_IDS
 from .image import ImageSource
+from .layers import KVWindow, visible_slots
 from .sampling import RepetitionPenalty, SamplerConfig
 from .temporal import ImageKV
 
@@ -40,22 +47,32 @@ class Stream:
         *,
         greedy: bool = False,
         sampler: SamplerConfig | None = None,
+        compiled: bool = True,
     ):
+        """`compiled=False` runs the step eagerly: needed for samplers that keep
+        Python state between calls, and handy for debugging."""
         cfg = model.cfg
         self.model = model
         self.cfg = cfg
         if greedy and sampler is not None:
             raise ValueError("pass either greedy=True or a sampler, not both")
         self.sampler = SamplerConfig.make_greedy() if greedy else (sampler or SamplerConfig())
+        self.compiled = compiled
         self._num_gen = cfg.num_generated_codebooks
-        self._num_streams = 1 + cfg.num_audio_codebooks
-        delays = np.array(cfg.delays)
-        self._delays = delays
-        self._user_rows = np.arange(1 + self._num_gen, self._num_streams)
+        self._delays = np.array(cfg.delays)
+        self._user_rows = np.arange(1 + self._num_gen, 1 + cfg.num_audio_codebooks)
         self._ring_len = 2 * cfg.max_delay + 2
         self._initial = mx.array(
             [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.num_audio_codebooks, dtype=mx.int32
         )
+        s = self.sampler
+        self._penalty = (
+            RepetitionPenalty(s.repetition_penalty, s.repetition_window, cfg.text_card, TEXT_PADDING_IDS)
+            if s.repetition_penalty != 1.0
+            else None
+        )
+        # One function per (cross-attention on?, visible window slots).
+        self._frame_fns: dict[tuple[bool, int], Callable] = {}
         self.image: ImageKV | None = None
         self.set_image(image)
         self.reset()
@@ -64,19 +81,12 @@ class Stream:
 
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""
-        dtype = self.model.dtype
         self.offset = 0
         self._ring = mx.repeat(self._initial[:, None], self._ring_len, axis=1)  # (streams, ring)
-        self._temporal_cache = self.model.transformer.make_cache(dtype)
-        self._depformer_cache = self.model.depformer.make_cache(dtype)
+        self._window: KVWindow = self.model.transformer.make_cache(self.model.dtype)
         seed = self.sampler.seed
         self._key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
-        s = self.sampler
-        self._penalty = (
-            RepetitionPenalty(s.repetition_penalty, s.repetition_window, self.cfg.text_card, TEXT_PADDING_IDS)
-            if s.repetition_penalty != 1.0
-            else None
-        )
+        self._recent = self._penalty.initial_recent() if self._penalty is not None else mx.zeros((0,), mx.int32)
 
     def set_image(self, image: "ImageKV | ImageSource | mx.array | None", *, reset: bool = False) -> None:
         """Use this image from the next step on; None turns vision off.
@@ -90,8 +100,9 @@ class Stream:
             self.reset()
 
     @property
-    def caches(self) -> list:
-        return self._temporal_cache + self._depformer_cache
+    def caches(self) -> list[mx.array]:
+        """Every array the stream keeps between steps (for memory checks)."""
+        return self._window.state + [self._ring, self._recent]
 
     # -- one frame ---------------------------------------------------------
 
@@ -108,32 +119,58 @@ class Stream:
             column = mx.where(mx.array(still_initial), self._initial, column)
         return column
 
+    def _frame(self, tokens_in, keys, values, offset, key, recent, image, visible):
+        """The model's work for one frame, as a pure function of arrays."""
+        model = self.model
+        x = model.embed_tokens(tokens_in[None, None, :])  # (1, 1, dim)
+        x, keys, values = model.transformer(x, keys, values, offset, visible, image)
+        temporal_out = model.out_norm(x[:, 0])  # (1, dim)
+        text_logits = model.text_linear(temporal_out)  # (1, text_card)
+
+        step_keys = mx.random.split(key, 1 + self._num_gen)
+        scored = text_logits
+        if self._penalty is not None:
+            scored = self._penalty.penalize(text_logits, recent)
+        text_token = self.sampler.text(scored, step_keys[0])  # (1,)
+        if self._penalty is not None:
+            recent = self._penalty.remember(recent, text_token, offset)
+        audio_tokens, audio_logits = model.depformer(
+            temporal_out, text_token, lambda logits, k: self.sampler.audio(logits, step_keys[1 + k])
+        )
+        return text_token, audio_tokens, text_logits[0], audio_logits, temporal_out[0], keys, values, recent
+
+    def _frame_fn(self, with_image: bool, visible: int) -> Callable:
+        fn = self._frame_fns.get((with_image, visible))
+        if fn is None:
+            if with_image:
+                def frame(tokens_in, keys, values, offset, key, recent, image_keys, image_values):
+                    image = ImageKV(image_keys, image_values)
+                    return self._frame(tokens_in, keys, values, offset, key, recent, image, visible)
+            else:
+                def frame(tokens_in, keys, values, offset, key, recent):
+                    return self._frame(tokens_in, keys, values, offset, key, recent, None, visible)
+            fn = mx.compile(frame) if self.compiled else frame
+            self._frame_fns[(with_image, visible)] = fn
+        return fn
+
     def step(self, user_codes) -> StepOutput:
         """Advance by one 80 ms frame given the user's codes (num_user_codebooks,)."""
         cfg = self.cfg
         user = mx.array(user_codes).astype(mx.int32).reshape(-1)
         if user.shape[0] != cfg.num_user_codebooks:
             raise ValueError(f"expected {cfg.num_user_codebooks} user codes, got shape {tuple(user.shape)}")
-        t = self.offset
         tokens_in = self._model_input(user)
-        x = self.model.embed_tokens(tokens_in[None, None, :])  # (1, 1, dim)
-        image = self.image if (self.image is not None and t >= cfg.xa_start) else None
-        x = self.model.transformer(x, self._temporal_cache, image)
-        temporal_out = self.model.out_norm(x[:, 0])  # (1, dim)
-        text_logits = self.model.text_linear(temporal_out)  # (1, text_card)
+        self._key, key = mx.random.split(self._key)
+        inputs = [tokens_in, self._window.keys, self._window.values, mx.array(self.offset), key, self._recent]
+        with_image = self.image is not None and self.offset >= cfg.xa_start
+        if with_image:
+            inputs += [self.image.keys, self.image.values]
+        (text_token, audio_tokens, text_logits, audio_logits, temporal_out,
+         self._window.keys, self._window.values, self._recent) = self._frame_fn(
+            with_image, visible_slots(self.offset, self._window.size)
+        )(*inputs)
 
-        self._key, text_key, audio_key = mx.random.split(self._key, 3)
-        audio_keys = mx.random.split(audio_key, self._num_gen)
-        penalised = self._penalty(text_logits) if self._penalty is not None else text_logits
-        text_token = self.sampler.text(penalised, text_key)  # (1,)
-        if self._penalty is not None:
-            self._penalty.record(text_token)
-        keys = iter(audio_keys)
-        audio_tokens, audio_logits = self.model.depformer(
-            temporal_out, text_token, lambda logits: self.sampler.audio(logits, next(keys)), self._depformer_cache
-        )
-
-        self.offset = t + 1
+        self.offset += 1
         self._ring[: 1 + self._num_gen, self.offset % self._ring_len] = mx.concatenate([text_token, audio_tokens])
         frame = None
         if self.offset > cfg.max_delay:
@@ -141,15 +178,11 @@ class Stream:
             frame = mx.take_along_axis(self._ring[: 1 + self._num_gen], mx.array(positions)[:, None], axis=1)[:, 0]
         out = StepOutput(
             tokens=frame,
-            text_logits=text_logits[0],
+            text_logits=text_logits,
             audio_logits=audio_logits,
-            transformer_out=temporal_out[0],
+            transformer_out=temporal_out,
             input_tokens=tokens_in,
         )
-        pending = [out.text_logits, out.audio_logits, self._ring] + [c for cache in self._temporal_cache for c in cache.state]
-        if frame is not None:
-            pending.append(frame)
-        if self._penalty is not None:
-            pending.append(self._penalty.recent)
-        mx.async_eval(*pending)
+        pending = [text_logits, audio_logits, self._ring, self._recent, self._key] + self._window.state
+        mx.async_eval(*pending, *([frame] if frame is not None else []))
         return out

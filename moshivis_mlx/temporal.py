@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, RingKVCache, RMSNorm, merge_heads, split_heads
+from .layers import GatedFFN, KVWindow, RMSNorm, merge_heads, split_heads, visible_slots, write_window
 
 
 class SelfAttention(nn.Module):
@@ -18,18 +18,25 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, rope_max_period: float):
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.rope = nn.RoPE(dim // num_heads, traditional=True, base=rope_max_period)
 
-    def __call__(self, x: mx.array, cache: RingKVCache) -> mx.array:
-        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
-        q = self.rope(q, offset=cache.offset)
-        k = self.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(merge_heads(y))
+    def __call__(
+        self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array, visible: int
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """One step (1, 1, dim) at absolute position `offset`; returns (y, keys, values).
+
+        `visible` is how many window slots may hold keys (see `visible_slots`).
+        """
+        qk, v = mx.split(self.in_proj(x), [2 * self.num_heads * self.head_dim], axis=-1)
+        q, k = mx.split(self.rope(split_heads(qk, 2 * self.num_heads), offset=offset), 2, axis=1)
+        keys, k_seen, mask = write_window(keys, k, offset, visible)
+        values, v_seen, _ = write_window(values, split_heads(v, self.num_heads), offset, visible)
+        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=mask)
+        return self.out_proj(merge_heads(y)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
         """Whole-sequence forward from step 0 (for tests and prefill)."""
@@ -104,14 +111,18 @@ class TemporalLayer(nn.Module):
     def __call__(
         self,
         x: mx.array,
-        cache: RingKVCache,
+        keys: mx.array,
+        values: mx.array,
+        offset: mx.array,
+        visible: int,
         xa: SharedCrossAttention,
         image: ImageKV | None,
-    ) -> mx.array:
-        x = x + self.self_attn(self.norm1(x), cache)
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        y, keys, values = self.self_attn(self.norm1(x), keys, values, offset, visible)
+        x = x + y
         if image is not None:
             x = self.cross_attend(x, xa, image)
-        return x + self.gating(self.norm2(x))
+        return x + self.gating(self.norm2(x)), keys, values
 
 
 class TemporalTransformer(nn.Module):
@@ -122,13 +133,31 @@ class TemporalTransformer(nn.Module):
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
 
-    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
+    def make_cache(self, dtype: mx.Dtype) -> KVWindow:
         cfg = self.cfg
-        return [RingKVCache(cfg.context, cfg.num_heads, cfg.head_dim, dtype) for _ in self.layers]
+        return KVWindow(cfg.num_layers, cfg.context, cfg.num_heads, cfg.head_dim, dtype)
 
-    def __call__(self, x: mx.array, caches: list[RingKVCache], image: ImageKV | None) -> mx.array:
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, cache, self.cross_attention, image)
+    def __call__(
+        self,
+        x: mx.array,
+        keys: list[mx.array],
+        values: list[mx.array],
+        offset: mx.array,
+        visible: int,
+        image: ImageKV | None,
+    ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+        """One step (1, 1, dim); returns the output and the updated per-layer keys/values."""
+        new_keys, new_values = [], []
+        for layer, k, v in zip(self.layers, keys, values):
+            x, k, v = layer(x, k, v, offset, visible, self.cross_attention, image)
+            new_keys.append(k)
+            new_values.append(v)
+        return x, new_keys, new_values
+
+    def step(self, x: mx.array, cache: KVWindow, offset: int, image: ImageKV | None) -> mx.array:
+        """Uncompiled convenience: one step that updates `cache` in place."""
+        visible = visible_slots(offset, cache.size)
+        x, cache.keys, cache.values = self(x, cache.keys, cache.values, mx.array(offset), visible, image)
         return x
 
     def forward_sequence(

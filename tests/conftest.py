@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from moshivis_mlx.blas import use_optimized_blas
+
+use_optimized_blas()  # before MLX loads, as the CLI does; CI installs OpenBLAS
+
 import dataclasses
 import json
 from pathlib import Path

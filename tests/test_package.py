@@ -41,3 +41,18 @@ def test_unknown_config_key_is_rejected():
 
     with pytest.raises(ValueError, match="unknown config keys: dims"):
         mv.ModelConfig.from_dict({"dims": 3})
+
+
+def test_sampling_does_not_drag_in_transformers():
+    """mlx_lm's samplers are reused without importing mlx_lm's package (transformers, torch)."""
+    code = (
+        "import sys, numpy as np, moshivis_mlx as mv; "
+        "cfg = mv.ModelConfig(dim=32, num_layers=1, num_heads=2, ffn_hidden=32, context=4, text_card=40, "
+        "audio_card=24, num_audio_codebooks=4, delays=(0, 0, 1, 0, 1), gate_hidden=16, "
+        "depformer=mv.DepformerConfig(dim=16, num_layers=1, num_heads=2, ffn_hidden=16, num_steps=2)); "
+        "s = mv.MoshiVis(cfg).stream(sampler=mv.SamplerConfig(seed=0, repetition_penalty=1.1)); "
+        "[np.array(s.step(np.zeros(2, np.int32)).text_logits) for _ in range(3)]; "
+        "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -61,20 +61,25 @@ def test_top_p_applies_to_the_tempered_distribution():
     assert {int(warm(logits, keys[i])[0]) for i in range(200)} == {0, 1}
 
 
+def remember_all(penalty: RepetitionPenalty, tokens) -> mx.array:
+    recent = penalty.initial_recent()
+    for step, token in enumerate(tokens):
+        recent = penalty.remember(recent, mx.array([token], dtype=mx.int32), mx.array(step))
+    return recent
+
+
 def test_repetition_penalty_is_sign_aware_and_skips_padding():
     penalty = RepetitionPenalty(2.0, window=4, vocab=6, padding_ids=(0, 3))
-    for token in (1, 3, 4):
-        penalty.record(mx.array([token], dtype=mx.int32))
+    recent = remember_all(penalty, (1, 3, 4))
     logits = mx.array([[1.0, 2.0, 1.0, 1.0, -1.0, 1.0]])
-    out = np.array(penalty(logits))[0]
+    out = np.array(penalty.penalize(logits, recent))[0]
     np.testing.assert_allclose(out, [1.0, 1.0, 1.0, 1.0, -2.0, 1.0])
 
 
 def test_repetition_penalty_window_forgets_old_tokens():
     penalty = RepetitionPenalty(2.0, window=2, vocab=6, padding_ids=(0, 3))
-    for token in (1, 2, 4):
-        penalty.record(mx.array([token], dtype=mx.int32))
-    out = np.array(penalty(mx.ones((1, 6))))[0]
+    recent = remember_all(penalty, (1, 2, 4))
+    out = np.array(penalty.penalize(mx.ones((1, 6)), recent))[0]
     np.testing.assert_allclose(out, [1, 1, 0.5, 1, 0.5, 1])
 
 

@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
+from moshivis_mlx.layers import visible_slots
 
 from conftest import random_model, tiny_config
 
 
 @pytest.mark.parametrize("with_image", [False, True])
-def test_step_by_step_equals_full_causal_forward(with_image):
-    """Past the sliding window (T > context) the ring cache must pick the right keys."""
-    cfg = tiny_config(context=5)
+@pytest.mark.parametrize("context,steps", [(5, 17), (300, 310)])
+def test_step_by_step_equals_full_causal_forward(with_image, context, steps):
+    """Past the sliding window (T > context) the ring cache must pick the right keys;
+    context 300 also crosses a change of the visible window (256 -> 300 slots)."""
+    cfg = tiny_config(context=context)
     model = random_model(cfg, seed=1)
-    steps = 3 * cfg.context + 2
     mx.random.seed(2)
     x = mx.random.normal((1, steps, cfg.dim))
     image = None
@@ -25,11 +27,11 @@ def test_step_by_step_equals_full_causal_forward(with_image):
         image = model.image_kv_from_features(features)
 
     full = model.transformer.forward_sequence(x, image, xa_start=cfg.xa_start)
-    caches = model.transformer.make_cache(mx.float32)
+    window = model.transformer.make_cache(mx.float32)
     streamed = []
     for t in range(steps):
         active = image if t >= cfg.xa_start else None
-        streamed.append(model.transformer(x[:, t : t + 1], caches, active))
+        streamed.append(model.transformer.step(x[:, t : t + 1], window, t, active))
     streamed = mx.concatenate(streamed, axis=1)
     np.testing.assert_allclose(np.array(streamed), np.array(full), atol=1e-4, rtol=1e-4)
     # ...and the window matters: attending to everything gives something else.
@@ -48,7 +50,7 @@ def test_long_session_keeps_constant_state():
     user = rng.integers(0, cfg.audio_card, size=(64, cfg.num_user_codebooks))
 
     def cache_shapes():
-        return [tuple(a.shape) for cache in stream.caches for a in cache.state]
+        return [tuple(a.shape) for a in stream.caches]
 
     for t in range(20_000):
         out = stream.step(user[t % len(user)])
@@ -82,3 +84,29 @@ def test_delays_follow_official_conventions():
     texts = [int(np.argmax(np.array(o.text_logits))) for o in outs]
     assert inputs[2, 0] == texts[1]
     assert int(np.array(outs[2].tokens)[0]) == texts[1]
+
+
+def test_visible_slots_cover_every_written_key():
+    assert [visible_slots(t, 3000) for t in (0, 255, 256, 1023, 1024, 2047, 2048, 2998, 2999, 10**6)] == [
+        256, 256, 512, 1024, 2048, 2048, 3000, 3000, 3000, 3000]
+    assert visible_slots(3, 24) == 24
+    for t in range(0, 5000, 7):
+        assert visible_slots(t, 3000) >= min(t + 1, 3000)
+
+
+def test_compiled_step_equals_eager_step():
+    """The compiled frame function is the eager one, traced: same logits, same tokens,
+    also across the window's shape changes."""
+    cfg = tiny_config(context=300)
+    model = random_model(cfg, seed=4)
+    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width), key=mx.random.key(5))
+    sampler = mv.SamplerConfig(seed=3, repetition_penalty=1.2, repetition_window=8)
+    compiled = mv.Stream(model, features, sampler=sampler)
+    eager = mv.Stream(model, features, sampler=sampler, compiled=False)
+    user = np.random.default_rng(1).integers(0, cfg.audio_card, size=(270, cfg.num_user_codebooks))
+    for codes in user:
+        a, b = compiled.step(codes), eager.step(codes)
+        np.testing.assert_allclose(np.array(a.text_logits), np.array(b.text_logits), atol=1e-5)
+        np.testing.assert_allclose(np.array(a.audio_logits), np.array(b.audio_logits), atol=1e-5)
+        if a.tokens is not None:
+            np.testing.assert_array_equal(np.array(a.tokens), np.array(b.tokens))

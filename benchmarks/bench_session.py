@@ -1,0 +1,108 @@
+"""Whole-session behaviour: start-up time and memory over a long conversation.
+
+    python benchmarks/bench_session.py first-frame CHECKPOINT [--dtype bfloat16]
+    python benchmarks/bench_session.py memory [--steps 10000]
+
+`first-frame` times a fresh process from start to the first delay-aligned
+frame of tokens (imports, load, first traces, two steps). `memory` runs the
+dispatch-bound configuration (the released depth, vocabularies and context,
+tiny widths) for many steps and samples the resident set size: it must stop
+growing once the 3000-step window is full.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
+
+BLAS = use_optimized_blas()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+import moshivis_mlx as mv  # noqa: E402
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; falls back to peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def first_frame(checkpoint: str, dtype: str) -> dict:
+    model = mv.load(checkpoint, dtype=dtype)
+    loaded = time.perf_counter()
+    cfg = model.cfg
+    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width)).astype(model.dtype)
+    stream = model.stream(features, sampler=mv.SamplerConfig(seed=0))
+    user = np.zeros(cfg.num_user_codebooks, np.int32)
+    out = stream.step(user)
+    while out.tokens is None:
+        out = stream.step(user)
+    np.array(out.tokens)
+    done = time.perf_counter()
+    return {
+        "load_s": round(loaded - START, 2),
+        "first_frame_s": round(done - START, 2),
+        "peak_rss_mb": round(rss_mb()),
+    }
+
+
+def memory(steps: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_step import dispatch_config, random_weights
+
+    cfg = dispatch_config()
+    mx.random.seed(0)
+    model = mv.MoshiVis(cfg)
+    random_weights(model, mx.float32)
+    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
+    stream = model.stream(features, sampler=mv.SamplerConfig(seed=0))
+    user = np.zeros(cfg.num_user_codebooks, np.int32)
+    samples = {}
+    checkpoints = {t for t in (1000, cfg.context, steps // 2, steps) if t <= steps}
+    for t in range(1, steps + 1):
+        out = stream.step(user)
+        if out.tokens is not None:
+            np.array(out.tokens)
+        if t in checkpoints:
+            samples[t] = round(rss_mb(), 1)
+            print(f"step {t}: {samples[t]} MB", file=sys.stderr, flush=True)
+    reference = samples.get(cfg.context, samples[min(samples)])
+    return {"rss_mb_at_step": samples, "growth_after_context_mb": round(samples[steps] - reference, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    ff = sub.add_parser("first-frame")
+    ff.add_argument("checkpoint")
+    ff.add_argument("--dtype", default="bfloat16")
+    mem = sub.add_parser("memory")
+    mem.add_argument("--steps", type=int, default=10_000)
+    args = ap.parse_args()
+    result = first_frame(args.checkpoint, args.dtype) if args.mode == "first-frame" else memory(args.steps)
+    result["blas"] = BLAS.library or "bundled reference BLAS"
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Per-step speed of the streaming generator.
+
+    python benchmarks/bench_step.py dispatch        # full depth, tiny widths: overhead-bound
+    python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16]
+
+`dispatch` keeps the released model's depth (32 temporal layers with the
+cross-attention active on 1024 image tokens from step 0, 8 depformer steps x 6
+layers, full vocabularies, context 3000) but tiny widths, so the time per step
+is almost entirely per-operation overhead, as on a GPU. `full` uses the
+released shapes with random weights. Both consume one step at a time the way a
+client does: one host read of the tokens per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
+
+BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
+
+import mlx.core as mx  # noqa: E402
+
+import moshivis_mlx as mv  # noqa: E402
+
+
+def dispatch_config() -> mv.ModelConfig:
+    return mv.ModelConfig(
+        dim=128,
+        num_heads=2,
+        ffn_hidden=128,
+        gate_hidden=64,
+        xa_start=0,
+        depformer=mv.DepformerConfig(dim=64, num_layers=6, num_heads=2, ffn_hidden=128, num_steps=8),
+        vision=mv.VisionConfig(width=192, num_layers=1, num_heads=2, mlp_hidden=192),
+    )
+
+
+def random_weights(model: mv.MoshiVis, dtype: mx.Dtype) -> None:
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = [
+        (k, (mx.random.normal(v.shape) * 0.02).astype(dtype) if v.ndim > 1 else mx.ones(v.shape, dtype))
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+
+
+def count_ops(stream: mv.Stream, user: np.ndarray) -> int:
+    """Nodes of one step's graph, from mx.export_to_dot with evaluation held back."""
+    real_async_eval = mx.async_eval
+    mx.async_eval = lambda *a, **k: None
+    try:
+        out = stream.step(user)
+    finally:
+        mx.async_eval = real_async_eval
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        outputs = [out.text_logits, out.audio_logits] + ([out.tokens] if out.tokens is not None else [])
+        mx.export_to_dot(f.name, *outputs)
+        text = f.read()
+    mx.eval(outputs)
+    # Operation nodes are drawn as rectangles; arrays as ovals.
+    return sum(1 for line in text.splitlines() if "shape=rectangle" in line or "shape=box" in line)
+
+
+def time_steps(stream: mv.Stream, user: np.ndarray, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds per step (CPU time is robust to other load on the machine)."""
+    for _ in range(warmup):
+        np.array(stream.step(user).text_logits.astype(mx.float32))
+    wall, cpu = [], []
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        out = stream.step(user)
+        np.array(out.tokens)  # the client's single host sync per step
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def time_pipelined(stream: mv.Stream, user: np.ndarray, steps: int) -> float:
+    """Median seconds per step with the next step queued before this one is read
+    (what a file-mode client can do: the graph of t+1 is built while t computes)."""
+    wall = []
+    pending = stream.step(user)
+    for _ in range(steps):
+        start = time.perf_counter()
+        following = stream.step(user)
+        np.array(pending.tokens)
+        pending = following
+        wall.append(time.perf_counter() - start)
+    np.array(pending.tokens)
+    return statistics.median(wall)
+
+
+def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) -> dict[str, float]:
+    """Median ms of each part of a step, each compiled and run on its own."""
+    cfg = model.cfg
+    window = model.transformer.make_cache(model.dtype)
+    offset = mx.array(min(steps, cfg.context - 1))
+    visible = cfg.context
+    x = mx.random.normal((1, 1, cfg.dim)).astype(model.dtype)
+    sampler = mv.SamplerConfig()
+    keys = mx.random.split(mx.random.key(0), 1 + cfg.num_generated_codebooks)
+
+    def temporal(x, k, v, offset, image_keys=None, image_values=None):
+        img = mv.ImageKV(image_keys, image_values) if image_keys is not None else None
+        return model.transformer(x, k, v, offset, visible, img)
+
+    def depformer(out, token):
+        return model.depformer(out, token, lambda logits, k: sampler.audio(logits, keys[1 + k]))
+
+    def text_head(x):
+        logits = model.text_linear(model.out_norm(x[:, 0]))
+        return sampler.text(logits, keys[0])
+
+    def run(fn, *args) -> float:
+        fn = mx.compile(fn)
+        times = []
+        for i in range(steps + 2):
+            start = time.perf_counter()
+            out = fn(*args)
+            if isinstance(out, tuple) and len(out) == 3:  # temporal: keep the window donated
+                window.keys, window.values = out[1], out[2]
+                args = (args[0], window.keys, window.values) + args[3:]
+            mx.eval(out)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return round(1000 * statistics.median(times), 2)
+
+    result = {"temporal_ms": run(temporal, x, window.keys, window.values, offset)}
+    if image is not None:
+        with_xa = run(temporal, x, window.keys, window.values, offset, image.keys, image.values)
+        result["cross_attention_ms"] = round(with_xa - result["temporal_ms"], 2)
+    token = mx.array([3], dtype=mx.int32)
+    result["depformer_ms"] = run(depformer, x[:, 0], token)
+    result["text_head_and_sampling_ms"] = run(text_head, x)
+    return result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["dispatch", "full"])
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
+    ap.add_argument("--components", action="store_true", help="also time each part of the step")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args()
+
+    if args.mode == "dispatch":
+        cfg, dtype, steps, warmup = dispatch_config(), args.dtype or "float32", args.steps or 200, args.warmup or 20
+    else:
+        cfg, dtype, steps, warmup = mv.moshika_vis(), args.dtype or "bfloat16", args.steps or 20, args.warmup or 2
+    mx.random.seed(0)
+    model = mv.MoshiVis(cfg)
+    random_weights(model, getattr(mx, dtype))
+    image = None if args.no_image else mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
+    stream = mv.Stream(model, image, sampler=mv.SamplerConfig(seed=0), compiled=not args.eager)
+    user = np.zeros(cfg.num_user_codebooks, np.int32)
+
+    ops = count_ops(stream, user)
+    times, cpu_times = time_steps(stream, user, steps, warmup)
+    pipelined = time_pipelined(stream, user, steps)
+    result = {
+        "mode": args.mode,
+        "dtype": dtype,
+        "image": image is not None,
+        "compiled": not args.eager,
+        "median_ms": round(1000 * statistics.median(times), 2),
+        "p90_ms": round(1000 * float(np.percentile(times, 90)), 2),
+        "median_cpu_ms": round(1000 * statistics.median(cpu_times), 2),
+        "pipelined_median_ms": round(1000 * pipelined, 2),
+        "steps": steps,
+        "ops_per_step": ops,
+        "peak_rss_mb": round(peak_rss_mb()),
+        "machine": f"{platform.machine()} {platform.system()} mlx {mx.__version__} {mx.default_device()}",
+        "blas": BLAS.library or "bundled reference BLAS",
+    }
+    if args.components:
+        image_kv = stream.image
+        result.update(component_times(model, image_kv, steps))
+        result["peak_rss_mb"] = round(peak_rss_mb())
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
