@@ -1,15 +1,16 @@
 """Time and peak memory to embed one 448 x 448 image with the full-size SigLIP
 tower (So400m: 27 layers, width 1152, 1024 tokens; random weights).
 
-    python benchmarks/bench_image.py                      # every variant, one process each
-    python benchmarks/bench_image.py --variants float32 bf16-store
+    python benchmarks/bench_image.py                      # float32, bf16, q8; one process each
+    python benchmarks/bench_image.py --variants bf16-compute q8-qmm
     python benchmarks/bench_image.py --blas both          # with and without OpenBLAS
 
 Variants (weights in memory / compute dtype):
-  float32     float32 / float32
-  bf16        bfloat16 / bfloat16
-  bf16-store  bfloat16 / float32 (weights upcast per matmul: bf16 memory, float32 speed on CPUs)
-  q8          8-bit encoder Linears, float32 scales / float32
+  float32       float32 / float32
+  bf16          bfloat16 / float32 (the CPU default: bf16 weights upcast one matrix at a time)
+  bf16-compute  bfloat16 / bfloat16 (the GPU default)
+  q8            8-bit encoder Linears, float32 scales / float32 (on the CPU: dequantize + BLAS)
+  q8-qmm        the same through mx.quantized_matmul (what nn.QuantizedLinear does)
 
 Each variant runs in its own process so its peak RSS (`ru_maxrss`) is its own;
 weights are materialised layer by layer so construction does not inflate it.
@@ -42,16 +43,22 @@ from moshivis_mlx.blas import OPT_OUT_VARIABLE, use_optimized_blas  # noqa: E402
 BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from moshivis_mlx.config import VisionConfig  # noqa: E402
 from moshivis_mlx.image import preprocess  # noqa: E402
-from moshivis_mlx.siglip import SiglipVisionTower, quantize_vision_tower  # noqa: E402
+from moshivis_mlx.siglip import (  # noqa: E402
+    SiglipVisionTower,
+    is_quantizable_vision_layer,
+    quantize_vision_tower,
+)
 
-VARIANTS = {  # name: (weight dtype, compute dtype, quantization bits)
-    "float32": (mx.float32, mx.float32, None),
-    "bf16": (mx.bfloat16, mx.bfloat16, None),
-    "bf16-store": (mx.bfloat16, mx.float32, None),
-    "q8": (mx.float32, mx.float32, 8),
+VARIANTS = {  # name: (weight dtype, compute dtype, quantization bits, plain nn.QuantizedLinear)
+    "float32": (mx.float32, mx.float32, None, False),
+    "bf16": (mx.bfloat16, mx.float32, None, False),
+    "bf16-compute": (mx.bfloat16, mx.bfloat16, None, False),
+    "q8": (mx.float32, mx.float32, 8, False),
+    "q8-qmm": (mx.float32, mx.float32, 8, True),
 }
 QUANT_GROUP = 64
 PHOTO_SIZE = (1080, 1920)  # a typical photo, to time decoding + resizing
@@ -63,11 +70,13 @@ def tower_flops(cfg: VisionConfig) -> float:
     return cfg.num_layers * per_layer + 2 * n * d * cfg.patch_size**2 * 3
 
 
-def build_tower(cfg: VisionConfig, weight_dtype: mx.Dtype, bits: int | None) -> SiglipVisionTower:
+def build_tower(cfg: VisionConfig, weight_dtype: mx.Dtype, bits: int | None, plain: bool) -> SiglipVisionTower:
     """Random weights, evaluated layer by layer so peak memory is the final size."""
     tower = SiglipVisionTower(cfg)
     tower.set_dtype(weight_dtype)
-    if bits is not None:
+    if bits is not None and plain:
+        nn.quantize(tower, QUANT_GROUP, bits, class_predicate=lambda p, m: is_quantizable_vision_layer(p, m, QUANT_GROUP))
+    elif bits is not None:
         quantize_vision_tower(tower, bits=bits, group_size=QUANT_GROUP)
     for layer in tower.encoder.layers:
         mx.eval(layer.parameters())
@@ -98,9 +107,9 @@ def time_preprocessing() -> float:
 
 
 def run_variant(name: str, repeats: int) -> dict:
-    weight_dtype, compute_dtype, bits = VARIANTS[name]
+    weight_dtype, compute_dtype, bits, plain = VARIANTS[name]
     cfg = VisionConfig()
-    tower = build_tower(cfg, weight_dtype, bits)
+    tower = build_tower(cfg, weight_dtype, bits, plain)
     pixels = mx.random.uniform(-1, 1, (1, cfg.image_size, cfg.image_size, 3)).astype(compute_dtype)
     mx.eval(pixels)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -128,7 +137,7 @@ def run_variant(name: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["float32", "bf16", "q8"], choices=list(VARIANTS))
     parser.add_argument("--blas", choices=("optimized", "bundled", "both"), default="optimized")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per variant (best is kept)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process

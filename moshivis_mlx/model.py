@@ -81,7 +81,7 @@ class MoshiVis(nn.Module):
         `image_size` (default: the encoder's native size, 448 for the release)
         may differ from the native size: the position embeddings are then
         interpolated as the official encoder does. `dtype` is the compute dtype
-        of the tower (default: that of its weights).
+        of the tower (default: `SiglipVisionTower.default_compute_dtype`).
         """
         size = image_size or self.cfg.vision.image_size
         if size < self.cfg.vision.patch_size:
@@ -89,7 +89,7 @@ class MoshiVis(nn.Module):
         if isinstance(image, mx.array):
             image = np.array(image)
         pixels = mx.array(preprocess(image, size, fit))[None]
-        return self.vision(pixels.astype(dtype or self.vision.dtype))[0]
+        return self.vision(pixels.astype(dtype or self.vision.default_compute_dtype()))[0]
 
     def embed_image(
         self,

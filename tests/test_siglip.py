@@ -16,7 +16,7 @@ from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
 from moshivis_mlx.resample import bicubic_matrix
-from moshivis_mlx.siglip import SiglipVisionTower, gelu_tanh
+from moshivis_mlx.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh
 
 from conftest import FIXTURE_A as FIXTURE, fixture_config
 ATOL_F32 = 1e-4  # float32 against float32: rounding only (observed ~3e-6)
@@ -203,7 +203,7 @@ def test_quantized_vision_keeps_patch_and_positions(reference):
     model = moshivis_mlx.load(FIXTURE, dtype="float32")
     exact = np.array(model.encode_image(reference["image.pixels"]))
     model.quantize_vision(bits=8, group_size=32)
-    quantized = [name for name, m in model.vision.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    quantized = [name for name, m in model.vision.named_modules() if isinstance(m, VisionQuantizedLinear)]
     assert len(quantized) == 6 * model.cfg.vision.num_layers  # q, k, v, out, fc1, fc2
     assert not isinstance(model.vision.embeddings.position_embedding, nn.QuantizedEmbedding)
     assert model.vision.embeddings.patch_embedding.weight.dtype == mx.float32
@@ -212,17 +212,29 @@ def test_quantized_vision_keeps_patch_and_positions(reference):
     assert 0 < np.abs(out - exact).max() < 0.1
 
 
+def test_vision_quantized_linear_paths_agree():
+    """The CPU path (dequantize + BLAS) computes what mx.quantized_matmul computes."""
+    linear = nn.Linear(128, 96)
+    layer = VisionQuantizedLinear.from_linear(linear, group_size=64, bits=8)
+    x = mx.random.normal((1, 40, 128), key=mx.random.key(0))
+    by_dequantizing = np.array(layer(x))
+    by_quantized_matmul = np.array(nn.QuantizedLinear.__call__(layer, x))
+    np.testing.assert_allclose(by_dequantizing, by_quantized_matmul, rtol=0, atol=1e-5)
+    assert np.abs(by_dequantizing - np.array(linear(x))).max() > 1e-5  # it is quantized
+
+
 def test_bf16_vision_storage(reference):
     model = moshivis_mlx.load(FIXTURE, dtype="float32")
     model.cast_vision(mx.bfloat16)
     assert model.vision.encoder.layers[0].mlp.fc1.weight.dtype == mx.bfloat16
     # The fixture's weights are bf16 values, so bf16 storage with float32
-    # compute loses nothing: still the official float32 result.
+    # compute (the default on the CPU) loses nothing: still the official result.
+    out = model.encode_image(reference["image.pixels"])
+    assert out.dtype == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
     out = model.encode_image(reference["image.pixels"], dtype=mx.float32)
-    assert out.dtype == mx.float32
     np.testing.assert_allclose(np.array(out), reference["image.encoder_out"], rtol=0, atol=ATOL_F32)
-    # bf16 compute (the default for a bf16 tower) is close, not exact.
-    out_bf16 = model.encode_image(reference["image.pixels"])
+    # bf16 compute is close, not exact.
+    out_bf16 = model.encode_image(reference["image.pixels"], dtype=mx.bfloat16)
     assert out_bf16.dtype == mx.bfloat16
     error = np.abs(np.array(out_bf16.astype(mx.float32)) - reference["image.encoder_out"]).max()
     assert 1e-4 < error < 0.1
