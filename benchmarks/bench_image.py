@@ -10,7 +10,7 @@ Variants (weights in memory / compute dtype):
   bf16          bfloat16 / float32 (the CPU default: bf16 weights upcast one matrix at a time)
   bf16-compute  bfloat16 / bfloat16 (the GPU default)
   q8            8-bit encoder Linears, float32 scales / float32 (on the CPU: dequantize + BLAS)
-  q8-qmm        the same through mx.quantized_matmul (what nn.QuantizedLinear does)
+  q8-qmm        nn.QuantizedLinear (mx.quantized_matmul; fc2, 4304 inputs, stays float32)
 
 Each variant runs in its own process so its peak RSS (`ru_maxrss`) is its own;
 weights are materialised layer by layer so construction does not inflate it.
@@ -75,7 +75,7 @@ def build_tower(cfg: VisionConfig, weight_dtype: mx.Dtype, bits: int | None, pla
     tower = SiglipVisionTower(cfg)
     tower.set_dtype(weight_dtype)
     if bits is not None and plain:
-        nn.quantize(tower, QUANT_GROUP, bits, class_predicate=lambda p, m: is_quantizable_vision_layer(p, m, QUANT_GROUP))
+        nn.quantize(tower, QUANT_GROUP, bits, class_predicate=lambda p, m: is_quantizable_vision_layer(p, m) and m.weight.shape[-1] % QUANT_GROUP == 0)
     elif bits is not None:
         quantize_vision_tower(tower, bits=bits, group_size=QUANT_GROUP)
     for layer in tower.encoder.layers:

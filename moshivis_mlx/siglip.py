@@ -191,42 +191,76 @@ def sanitize_patch_embedding(weight: mx.array, cfg: VisionConfig) -> mx.array:
     )
 
 
-def is_quantizable_vision_layer(path: str, module: nn.Module, group_size: int) -> bool:
+def is_quantizable_vision_layer(path: str, module: nn.Module) -> bool:
     """Only the Linear layers of the encoder blocks.
 
-    The patch embedding (588 inputs, not a multiple of any group size, and
-    0.2 % of the weights) and the position table (added, not multiplied, and
-    resized when the image size changes) stay in floating point: quantizing
-    them would save almost nothing and add error to every token.
+    The patch embedding (0.2 % of the weights) and the position table (added,
+    not multiplied, and resized when the image size changes) stay in floating
+    point: quantizing them would save almost nothing and add error to every
+    token.
     """
-    return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+    return isinstance(module, nn.Linear) and path.startswith("encoder.")
 
 
 class VisionQuantizedLinear(nn.QuantizedLinear):
-    """A quantized Linear of the vision tower (same parameters as nn.QuantizedLinear).
+    """A quantized Linear of the vision tower, in MLX's affine format.
 
-    The tower multiplies 1024 rows at once. MLX's CPU quantized matmul does
-    not use BLAS and runs such products ~40x slower than dequantizing the
-    weight (a transient float copy of one matrix) and calling BLAS, so on
-    the CPU it does that; on a GPU it uses `mx.quantized_matmul`.
+    Two differences from nn.QuantizedLinear:
+    * Input widths that are not a multiple of the group size are padded with
+      zero columns (So400m's fc2 has 4304 = 67.25 x 64 inputs, which MLX
+      cannot quantize as is); the padding never reaches the result.
+    * The tower multiplies 1024 rows at once. MLX's CPU quantized matmul does
+      not use BLAS and runs such products ~40x slower than dequantizing the
+      weight (a transient float copy of one matrix) and calling BLAS, so on the
+      CPU it does that; on a GPU it uses `mx.quantized_matmul`.
     """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        bias: bool = True,
+        group_size: int = 64,
+        bits: int = 8,
+        mode: str = "affine",
+    ):
+        padded = -(-input_dims // group_size) * group_size
+        super().__init__(padded, output_dims, bias, group_size, bits, mode)
+        self.input_dims = input_dims
+        self.padding = padded - input_dims
+
+    def _extra_repr(self) -> str:
+        return super()._extra_repr().replace(f"input_dims={self.input_dims + self.padding}", f"input_dims={self.input_dims}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+        output_dims, input_dims = linear.weight.shape
+        layer = cls(input_dims, output_dims, "bias" in linear, group_size, bits, mode)
+        weight = mx.pad(linear.weight, [(0, 0), (0, layer.padding)]) if layer.padding else linear.weight
+        layer.weight, layer.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        layer.biases = biases[0] if biases else None
+        if "bias" in linear:
+            layer.bias = linear.bias
+        return layer
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
+            if self.padding:
+                x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.padding)])
             return super().__call__(x)
         weight = mx.dequantize(
             self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, mode=self.mode
         )
-        y = x @ weight.astype(x.dtype).T
+        y = x @ weight[:, : self.input_dims].astype(x.dtype).T
         return y + self["bias"].astype(x.dtype) if "bias" in self else y
 
 
 def quantize_vision_tower(tower: SiglipVisionTower, bits: int = 8, group_size: int = 64) -> None:
-    """Quantize the tower's encoder Linear layers in place (affine, MLX's format:
-    `weight` uint32, `scales`, `biases`, so quantized checkpoints load as usual)."""
+    """Quantize the tower's encoder Linear layers in place (`weight` uint32,
+    `scales`, `biases` as MLX stores them; inputs padded to the group size)."""
 
     def convert(path: str, module: nn.Module) -> nn.Module:
-        if is_quantizable_vision_layer(path, module, group_size):
+        if is_quantizable_vision_layer(path, module):
             return VisionQuantizedLinear.from_linear(module, group_size=group_size, bits=bits)
         return module
 

@@ -16,7 +16,7 @@ from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
 from moshivis_mlx.resample import bicubic_matrix
-from moshivis_mlx.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh
+from moshivis_mlx.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh, quantize_vision_tower
 
 from conftest import FIXTURE_A as FIXTURE, fixture_config
 ATOL_F32 = 1e-4  # float32 against float32: rounding only (observed ~3e-6)
@@ -212,15 +212,27 @@ def test_quantized_vision_keeps_patch_and_positions(reference):
     assert 0 < np.abs(out - exact).max() < 0.1
 
 
-def test_vision_quantized_linear_paths_agree():
-    """The CPU path (dequantize + BLAS) computes what mx.quantized_matmul computes."""
-    linear = nn.Linear(128, 96)
+@pytest.mark.parametrize("input_dims", [128, 100])  # 100: padded to 128 for groups of 64
+def test_vision_quantized_linear_paths_agree(input_dims):
+    """The CPU path (dequantize + BLAS) computes what mx.quantized_matmul computes,
+    and the zero padding of an odd input width changes nothing."""
+    linear = nn.Linear(input_dims, 96)
     layer = VisionQuantizedLinear.from_linear(linear, group_size=64, bits=8)
-    x = mx.random.normal((1, 40, 128), key=mx.random.key(0))
+    x = mx.random.normal((1, 40, input_dims), key=mx.random.key(0))
     by_dequantizing = np.array(layer(x))
-    by_quantized_matmul = np.array(nn.QuantizedLinear.__call__(layer, x))
+    padded = mx.pad(x, [(0, 0), (0, 0), (0, layer.padding)]) if layer.padding else x
+    by_quantized_matmul = np.array(nn.QuantizedLinear.__call__(layer, padded))
     np.testing.assert_allclose(by_dequantizing, by_quantized_matmul, rtol=0, atol=1e-5)
-    assert np.abs(by_dequantizing - np.array(linear(x))).max() > 1e-5  # it is quantized
+    error = np.abs(by_dequantizing - np.array(linear(x))).max()
+    assert 1e-5 < error < 1e-2  # quantized, and 8 bits are close
+
+
+def test_full_size_tower_quantizes_every_encoder_linear():
+    tower = SiglipVisionTower(VisionConfig(num_layers=1))  # released widths, lazy weights
+    quantize_vision_tower(tower, bits=8, group_size=64)
+    layers = {name: m for name, m in tower.named_modules() if isinstance(m, VisionQuantizedLinear)}
+    assert sorted(n.rsplit(".", 1)[-1] for n in layers) == ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]
+    assert layers["encoder.layers.0.mlp.fc2"].input_dims == 4304  # padded to 4352 inside
 
 
 def test_bf16_vision_storage(reference):
