@@ -7,8 +7,8 @@ tower (So400m: 27 layers, width 1152, 1024 tokens; random weights).
 
 Variants (weights in memory / compute dtype):
   float32       float32 / float32
-  bf16          bfloat16 / float32 (the CPU default: bf16 weights upcast one matrix at a time)
-  bf16-compute  bfloat16 / bfloat16 (the GPU default)
+  bf16          bfloat16 / float32 (CPU default with a fast BLAS: weights upcast one matrix at a time)
+  bf16-compute  bfloat16 / bfloat16 (GPU default, and CPU default with the reference BLAS)
   q8            8-bit encoder Linears, float32 scales / float32 (on the CPU: dequantize + BLAS)
   q8-qmm        nn.QuantizedLinear (mx.quantized_matmul; fc2, 4304 inputs, stays float32)
 

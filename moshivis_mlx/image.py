@@ -10,8 +10,8 @@ Here: decode with Pillow (any format it opens; first frame of animations),
 honour the EXIF orientation, convert every mode to RGB (alpha composited on
 white, 16-bit scaled down), then the same resize, computed like PyTorch's
 float path of `interpolate(mode="bicubic", antialias=True)` (what torchvision
-runs on a GPU server) followed by rounding back to uint8, then the same
-normalisation. Deliberate differences from the server: the EXIF orientation
+runs on a GPU server; its uint8 CPU kernel can differ by a level or two)
+followed by rounding back to uint8, then the same normalisation. Deliberate differences from the server: the EXIF orientation
 is applied (the server shows the model the sensor's orientation) and
 transparent pixels become white (the server keeps whatever colour hides
 under them); JPEG decoders may also differ by a level here and there.

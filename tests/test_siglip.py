@@ -12,6 +12,7 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import moshivis_mlx
+from moshivis_mlx import blas
 from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
@@ -235,6 +236,15 @@ def test_full_size_tower_quantizes_every_encoder_linear():
     assert layers["encoder.layers.0.mlp.fc2"].input_dims == 4304  # padded to 4352 inside
 
 
+def test_default_compute_dtype_follows_the_blas():
+    tower = SiglipVisionTower(VisionConfig(num_layers=1))
+    tower.set_dtype(mx.bfloat16)
+    fast_cpu = mx.default_device() == mx.cpu and blas.status().optimized
+    assert tower.default_compute_dtype() == (mx.float32 if fast_cpu else mx.bfloat16)
+    tower.set_dtype(mx.float32)
+    assert tower.default_compute_dtype() == mx.float32
+
+
 def test_bf16_vision_storage(reference):
     model = moshivis_mlx.load(FIXTURE, dtype="float32")
     model.cast_vision(mx.bfloat16)
@@ -242,7 +252,7 @@ def test_bf16_vision_storage(reference):
     # The fixture's weights are bf16 values, so bf16 storage with float32
     # compute (the default on the CPU) loses nothing: still the official result.
     out = model.encode_image(reference["image.pixels"])
-    assert out.dtype == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
+    assert out.dtype == model.vision.default_compute_dtype()
     out = model.encode_image(reference["image.pixels"], dtype=mx.float32)
     np.testing.assert_allclose(np.array(out), reference["image.encoder_out"], rtol=0, atol=ATOL_F32)
     # bf16 compute is close, not exact.
