@@ -8,6 +8,7 @@ MLX.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -82,3 +83,69 @@ def load_safetensors(path: str | Path) -> dict[str, mx.array]:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(path, f"could not be read as safetensors ({e})") from None
+
+
+_SAFETENSORS_NAMES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.float32: "F32",
+    mx.uint64: "U64",
+    mx.int64: "I64",
+}
+_HEADER_ALIGNMENT = 8  # safetensors pads the header so tensor data starts aligned
+
+
+def safetensors_header(tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> bytes:
+    """The header of a file holding `tensors` in sorted order; needs shapes and dtypes only."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        a = tensors[name]
+        if a.dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _SAFETENSORS_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % _HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_array(f, a: mx.array) -> None:
+    f.write(memoryview(a))
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: dict[str, mx.array],
+    metadata: dict[str, str] | None = None,
+    on_tensor=None,
+) -> int:
+    """Write lazily computed tensors one at a time; returns the file size.
+
+    The header is written first from shapes and dtypes alone; then each tensor
+    is evaluated, written and dropped, so memory holds one tensor (plus
+    whatever its source shares with the tensors still to come), never the
+    whole checkpoint. Consumes `tensors`. `on_tensor(name, nbytes)` is called
+    after each one (progress). The caller makes the write atomic.
+    """
+    head = safetensors_header(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for name in sorted(tensors):
+            a = mx.contiguous(tensors.pop(name))
+            mx.eval(a)
+            _write_array(f, a)
+            nbytes = a.nbytes
+            del a
+            if on_tensor is not None:
+                on_tensor(name, nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()

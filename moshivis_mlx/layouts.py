@@ -125,6 +125,111 @@ def from_pytorch(weights: dict[str, mx.array], cfg: ModelConfig) -> tuple[dict[s
     return out, missing
 
 
+# Parts a Linear/Embedding may have on disk: its weight, an optional bias, and
+# for affine-quantized layers the packed uint32 weight plus scales and biases.
+_MODULE_PARTS = ("weight", "bias", "scales", "biases")
+
+
+def _take_module(weights: dict[str, mx.array], prefix: str, missing: list[str]) -> dict[str, mx.array]:
+    """Every stored part of the module at `prefix` (weight required)."""
+    if f"{prefix}.weight" not in weights:
+        missing.append(f"{prefix}.weight")
+        return {}
+    return {part: weights.pop(f"{prefix}.{part}") for part in _MODULE_PARTS if f"{prefix}.{part}" in weights}
+
+
+def _concat_rows(modules: list[dict[str, mx.array]], name: str) -> dict[str, mx.array]:
+    """Stack Linear layers along their outputs.
+
+    Exact for quantized layers too: affine groups run along each row, so the
+    packed weight, scales and biases of every row are independent of the others.
+    """
+    parts = set(modules[0])
+    for m in modules[1:]:
+        if set(m) != parts:
+            raise LayoutError(f"{name}: the per-step layers are not stored alike ({sorted(parts)} vs {sorted(m)})")
+        for part in parts:
+            if m[part].shape[1:] != modules[0][part].shape[1:] or m[part].dtype != modules[0][part].dtype:
+                raise LayoutError(f"{name}: the per-step layers have different {part} shapes or dtypes")
+    return {part: mx.concatenate([m[part] for m in modules], axis=0) for part in sorted(parts)}
+
+
+def from_upstream_mlx(weights: dict[str, mx.array], cfg: ModelConfig) -> tuple[dict[str, mx.array], list[str]]:
+    """Upstream MLX layout (kyutai/moshika-vis-mlx, bf16 or quantized) -> ours.
+
+    Consumes `weights`; returns (ours, missing names). Quantized layers keep
+    their packed weight, scales and biases under our module names. Two upstream
+    redundancies are resolved here:
+    * the 8 depformer slices each carry a copy of the shared norms: they must
+      be equal (checked) and one is kept;
+    * the shared cross-attention lives under layer 0; the quantized files also
+      hold partial copies under the other layers (not the kv_proj weight).
+      Upstream's own loader overwrites them with layer 0's before use, so they
+      are dropped unread.
+    """
+    out: dict[str, mx.array] = {}
+    missing: list[str] = []
+
+    def move(src: str, dst: str) -> None:
+        for part, value in _take_module(weights, src, missing).items():
+            out[f"{dst}.{part}"] = value
+
+    def move_vector(src: str, dst: str) -> None:
+        value = _take(weights, src, missing)
+        if value is not None:
+            out[dst] = value
+
+    move("text_emb", "text_emb")
+    for i in range(cfg.num_audio_codebooks):
+        move(f"audio_embs.{i}", f"audio_embs.{i}")
+    for l in range(cfg.num_layers):
+        src = dst = f"transformer.layers.{l}"
+        for norm in ("norm1", "norm2", "norm_cross"):
+            move_vector(f"{src}.{norm}.weight", f"{dst}.{norm}.weight")
+        for linear in ("self_attn.in_proj", "self_attn.out_proj", "gating.linear_in", "gating.linear_out"):
+            move(f"{src}.{linear}", f"{dst}.{linear}")
+        move(f"{src}.cross_attention.gate.alpha.layers.0", f"{dst}.cross_gate.linear_in")
+        move(f"{src}.cross_attention.gate.alpha.layers.2", f"{dst}.cross_gate.linear_out")
+        if l > 0:
+            copies = [n for n in weights if n.startswith(f"{src}.cross_attention.mha.")]
+            for name in copies:
+                del weights[name]
+    for proj in ("q_proj", "kv_proj", "out_proj"):
+        move(f"transformer.layers.0.cross_attention.mha.{proj}", f"transformer.cross_attention.{proj}")
+    move_vector("out_norm.weight", "out_norm.weight")
+    move("text_linear", "text_linear")
+
+    steps = cfg.depformer.num_steps
+    slices = [f"depformer.slices.{k}" for k in range(steps)]
+    inputs = [_take_module(weights, f"{s}.linear_in", missing) for s in slices]
+    if all(inputs):
+        for part, value in _concat_rows(inputs, "depformer.slices.*.linear_in").items():
+            out[f"depformer.input_proj.{part}"] = value
+    for k, s in enumerate(slices):
+        move(f"{s}.emb", f"depformer.steps.{k}.emb")
+        move(f"{s}.linear_out", f"depformer.steps.{k}.linear_out")
+        for l in range(cfg.depformer.num_layers):
+            for linear in ("self_attn.in_proj", "self_attn.out_proj", "gating.linear_in", "gating.linear_out"):
+                move(f"{s}.transformer.layers.{l}.{linear}", f"depformer.steps.{k}.layers.{l}.{linear}")
+    for l in range(cfg.depformer.num_layers):
+        for norm in ("norm1", "norm2"):
+            names = [f"{s}.transformer.layers.{l}.{norm}.weight" for s in slices]
+            copies = [_take(weights, n, missing) for n in names]
+            if any(c is None for c in copies):
+                continue
+            if any(c.shape != copies[0].shape or not mx.array_equal(c, copies[0]).item() for c in copies[1:]):
+                raise LayoutError(
+                    f"depformer.slices.*.transformer.layers.{l}.{norm}.weight differ between slices; "
+                    "MoshiVis shares one norm across the depformer steps"
+                )
+            out[f"depformer.layers.{l}.{norm}.weight"] = copies[0]
+
+    move("transformer.image_prefix.proj_xa", "image_prefix.proj_xa")
+    move_vector("transformer.image_prefix.norm_xa.weight", "image_prefix.norm_xa.weight")
+    out.update(vision_from_hf(weights, "img_embedder.model.", cfg.vision))
+    return out, missing
+
+
 def vision_from_hf(
     weights: dict[str, mx.array], prefix: str, cfg: VisionConfig, out_prefix: str = "vision."
 ) -> dict[str, mx.array]:

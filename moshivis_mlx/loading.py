@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,12 +19,24 @@ from .layouts import (
     LayoutError,
     detect_layout,
     from_pytorch,
+    from_upstream_mlx,
 )
 from .model import MoshiVis
+from .quantize import (
+    DEFAULT_GROUP_SIZE,
+    QuantizationError,
+    QuantizationPolicy,
+    apply_quantization,
+    describe,
+    infer_quantization,
+    quantization_config,
+    quantize_weights,
+    same_quantization,
+)
 
 CHECKPOINT_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 _MAX_LISTED = 8
 
 
@@ -60,26 +74,25 @@ def _describe(names: list[str]) -> str:
 def to_native(weights: dict[str, mx.array], cfg: ModelConfig, path: Path) -> dict[str, mx.array]:
     """Any supported layout -> this project's tensor names, or a CheckpointError."""
     layout = detect_layout(weights)
-    if layout == LAYOUT_PYTORCH:
-        weights = dict(weights)
-        try:
-            native, missing = from_pytorch(weights, cfg)
-        except LayoutError as e:
-            raise CheckpointError(path, str(e)) from None
-        if missing:
-            raise CheckpointError(path, f"missing {len(missing)} tensor(s): {_describe(missing)}")
-        if weights:
-            raise CheckpointError(path, f"unexpected tensor(s) for this model: {_describe(sorted(weights))}")
-        return native
     if layout == LAYOUT_NATIVE:
         return weights
-    if layout == LAYOUT_UPSTREAM_MLX:
-        raise CheckpointError(path, "upstream MLX layout (kyutai/moshika-vis-mlx) is not supported by this loader yet")
-    raise CheckpointError(
-        path,
-        f"not a MoshiVis checkpoint: none of its {len(weights)} tensors looks like MoshiVis "
-        f"(first: {_describe(sorted(weights))})",
-    )
+    convert = {LAYOUT_PYTORCH: from_pytorch, LAYOUT_UPSTREAM_MLX: from_upstream_mlx}.get(layout)
+    if convert is None:
+        raise CheckpointError(
+            path,
+            f"not a MoshiVis checkpoint: none of its {len(weights)} tensors looks like MoshiVis "
+            f"(first: {_describe(sorted(weights))})",
+        )
+    weights = dict(weights)
+    try:
+        native, missing = convert(weights, cfg)
+    except LayoutError as e:
+        raise CheckpointError(path, str(e)) from None
+    if missing:
+        raise CheckpointError(path, f"missing {len(missing)} tensor(s): {_describe(missing)}")
+    if weights:
+        raise CheckpointError(path, f"unexpected tensor(s) for this model: {_describe(sorted(weights))}")
+    return native
 
 
 def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Path) -> None:
@@ -87,10 +100,16 @@ def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Pat
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
+    common = sorted(set(expected) & set(weights))
     wrong = [
         f"{name} {tuple(weights[name].shape)} (model expects {tuple(expected[name].shape)})"
-        for name in sorted(set(expected) & set(weights))
+        for name in common
         if tuple(weights[name].shape) != tuple(expected[name].shape)
+    ]
+    kind = [  # e.g. a packed uint32 weight where the model has a float one
+        f"{name} is {weights[name].dtype}, the model expects {'a float' if is_float else 'an integer'} tensor"
+        for name in common
+        if (is_float := mx.issubdtype(expected[name].dtype, mx.floating)) != mx.issubdtype(weights[name].dtype, mx.floating)
     ]
     problems = []
     if missing:
@@ -99,33 +118,167 @@ def check_against_model(model: MoshiVis, weights: dict[str, mx.array], path: Pat
         problems.append(f"unexpected tensor(s): {_describe(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_describe(wrong)}")
+    if kind:
+        problems.append(f"{len(kind)} tensor(s) of the wrong type: {_describe(kind)}")
     if problems:
         raise CheckpointError(path, "; ".join(problems))
 
 
-def load(path: str | Path, dtype: str = "bfloat16", config: ModelConfig | None = None) -> MoshiVis:
-    """Load a MoshiVis checkpoint (file, or directory with model.safetensors and config.json).
+@contextmanager
+def _size_hint(has_config: bool):
+    """Say that default sizes were assumed when a checkpoint without config does not fit them."""
+    try:
+        yield
+    except CheckpointError as e:
+        if has_config:
+            raise
+        hint = f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed"
+        raise CheckpointError(e.path, f"{e.problem}; {hint}") from None
 
-    `dtype` is the compute dtype; weights are cast to it (bf16 files stay bf16
-    by default).
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint read lazily (no tensor data yet) and renamed to our layout."""
+
+    weights_path: Path
+    cfg: ModelConfig
+    layout: str
+    weights: dict[str, mx.array]  # our names, lazy
+    quantization: dict | None  # as stored: from config.json, checked against the tensor shapes
+    has_config: bool
+
+
+def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> OpenedCheckpoint:
+    """Read a checkpoint's header and config; no tensor data is read."""
     weights_path, config_path = resolve_checkpoint(path)
     cfg = config or read_config(config_path)
     raw = load_safetensors(weights_path)
-    model = MoshiVis(cfg)
-    try:
+    layout = detect_layout(raw)
+    with _size_hint(config is not None or config_path is not None):
         weights = to_native(raw, cfg, weights_path)
-        check_against_model(model, weights, weights_path)
-    except CheckpointError as e:
-        if config is None and config_path is None:
-            hint = f"no {CONFIG_NAME} next to it, so the released 'moshika-vis' sizes were assumed"
-            raise CheckpointError(e.path, f"{e.problem}; {hint}") from None
-        raise
-    target = _DTYPES[dtype]
+    stored = None
+    if config_path is not None and layout == LAYOUT_NATIVE:
+        try:
+            stored = json.loads(config_path.read_text()).get("quantization")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(config_path, f"invalid model config ({e})") from None
+    skeleton = MoshiVis(cfg)  # lazy: its random init is never evaluated
+    with _size_hint(config is not None or config_path is not None):
+        try:
+            inferred = infer_quantization(weights, skeleton, str(weights_path))
+        except QuantizationError as e:
+            raise CheckpointError(weights_path, str(e)) from None
+    if stored is not None and not same_quantization(stored, inferred, skeleton, weights):
+        raise CheckpointError(
+            weights_path,
+            f"its tensors are quantized differently from what {config_path.name} says "
+            f"({describe(inferred, skeleton)} vs {describe(stored, skeleton, weights)})",
+        )
+    return OpenedCheckpoint(
+        weights_path=weights_path,
+        cfg=cfg,
+        layout=layout,
+        weights=weights,
+        quantization=stored if stored is not None else inferred,
+        has_config=config is not None or config_path is not None,
+    )
+
+
+AUTO_DTYPE = "auto"
+
+
+def dtype_from_name(dtype: str) -> mx.Dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + [AUTO_DTYPE]}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_dtype(dtype: str, quantized: bool) -> str:
+    """The compute dtype for `dtype="auto"`: bf16, except quantized models on a CPU.
+
+    MLX's CPU quantized matmul is ~9x faster with float32 activations and
+    scales than with bf16 (and as fast as a bf16 matmul), while on a GPU bf16
+    is the fast path. Unquantized models keep bf16 everywhere: float32 would
+    double their memory.
+    """
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
+        return dtype
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    return "float32" if (quantized and on_cpu) else "bfloat16"
+
+
+def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):
+    if policy is not None and bits is not None:
+        raise ValueError("pass either bits= or policy=, not both")
+    if policy is None and bits is not None:
+        policy = QuantizationPolicy.mixed(bits, group_size)
+    return policy
+
+
+def prepare(
+    ckpt: OpenedCheckpoint, dtype: str, policy: QuantizationPolicy | None
+) -> tuple[MoshiVis, dict[str, mx.array], dict | None]:
+    """(model with the right layer types, final weights (lazy), quantization config).
+
+    Consumes `ckpt.weights`. An already quantized checkpoint is never quantized
+    again: asking for exactly its own quantization is accepted (nothing to do),
+    anything else is an error.
+    """
+    target = dtype_from_name(dtype)
+    model = MoshiVis(ckpt.cfg)
+    weights = ckpt.weights
+    quantization = ckpt.quantization
+    if policy is not None:
+        requested = quantization_config(model, policy)
+        if quantization is None:
+            weights = quantize_weights(weights, requested, model)
+            quantization = requested
+        elif not same_quantization(requested, quantization, model, weights):
+            raise CheckpointError(
+                ckpt.weights_path,
+                f"is already quantized ({describe(quantization, model, weights)}); quantizing it again would "
+                "stack two roundings. Load or convert it without bits, or start from the bf16 checkpoint.",
+            )
+    if quantization is not None:
+        apply_quantization(model, quantization, weights)
+    with _size_hint(ckpt.has_config):
+        check_against_model(model, weights, ckpt.weights_path)
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    return model, weights, quantization
+
+
+def load(
+    path: str | Path,
+    dtype: str = AUTO_DTYPE,
+    config: ModelConfig | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    policy: QuantizationPolicy | None = None,
+    lazy: bool = False,
+) -> MoshiVis:
+    """Load a MoshiVis checkpoint: a file or a directory (model.safetensors + config.json).
+
+    Any released layout is accepted (official PyTorch, upstream MLX bf16/q4/q8,
+    this project's). `dtype` is the compute dtype: float weights, and the
+    scales of quantized ones, are cast to it; "auto" picks bfloat16, or
+    float32 for a quantized model on a CPU (see `resolve_dtype`). `bits` quantizes a float
+    checkpoint on load with the default mixed policy (see `quantize.py`);
+    `policy` gives full control instead. Tensors are read and quantized one at
+    a time, so memory never holds the float and the quantized model together.
+    `lazy=True` checks every name and shape but reads no tensor data.
+    """
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
+    policy = quantization_request(bits, group_size, policy)
+    ckpt = open_checkpoint(path, config)
+    dtype = resolve_dtype(dtype, quantized=policy is not None or ckpt.quantization is not None)
+    model, weights, _ = prepare(ckpt, dtype, policy)
     model.load_weights(list(weights.items()), strict=True)
+    del weights
     model.eval()
-    mx.eval(model.parameters())
+    if not lazy:
+        for _, value in tree_flatten(model.parameters()):
+            mx.eval(value)  # one tensor at a time bounds the peak when quantizing on load
     return model

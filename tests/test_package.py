@@ -43,10 +43,10 @@ def test_unknown_config_key_is_rejected():
         mv.ModelConfig.from_dict({"dims": 3})
 
 
-def test_sampling_does_not_drag_in_transformers():
-    """mlx_lm's samplers are reused without importing mlx_lm's package (transformers, torch)."""
+def test_loading_and_sampling_do_not_drag_in_transformers():
+    """mlx_lm's samplers are reused without importing mlx_lm's package (transformers, torch: ~10 s)."""
     code = (
-        "import sys, numpy as np, moshivis_mlx as mv; "
+        "import sys, numpy as np, moshivis_mlx as mv; mv.load; import convert.cli; "
         "cfg = mv.ModelConfig(dim=32, num_layers=1, num_heads=2, ffn_hidden=32, context=4, text_card=40, "
         "audio_card=24, num_audio_codebooks=4, delays=(0, 0, 1, 0, 1), gate_hidden=16, "
         "depformer=mv.DepformerConfig(dim=16, num_layers=1, num_heads=2, ffn_hidden=16, num_steps=2)); "
