@@ -22,6 +22,7 @@ from .layouts import (
     from_upstream_mlx,
 )
 from .model import MoshiVis
+from .siglip import use_vision_kernels
 from .quantize import (
     DEFAULT_GROUP_SIZE,
     QuantizationError,
@@ -242,6 +243,7 @@ def prepare(
             )
     if quantization is not None:
         apply_quantization(model, quantization, weights)
+        use_vision_kernels(model.vision)  # same parameters, fast on the CPU
     with _size_hint(ckpt.has_config):
         check_against_model(model, weights, ckpt.weights_path)
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}

@@ -252,6 +252,14 @@ class VisionQuantizedLinear(nn.QuantizedLinear):
             layer.bias = linear.bias
         return layer
 
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "VisionQuantizedLinear":
+        """The same parameters (no padding) with this class's kernels."""
+        output_dims, packed = layer["weight"].shape
+        new = cls(packed * 32 // layer.bits, output_dims, "bias" in layer, layer.group_size, layer.bits, layer.mode)
+        new.update(layer.parameters())
+        return new
+
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             if self.padding:
@@ -275,3 +283,16 @@ def quantize_vision_tower(tower: SiglipVisionTower, bits: int = 8, group_size: i
 
     leaves = tree_map_with_path(convert, tower.leaf_modules(), is_leaf=nn.Module.is_module)
     tower.update_modules(leaves)
+
+
+def use_vision_kernels(tower: SiglipVisionTower) -> None:
+    """Turn plain nn.QuantizedLinear layers of the tower (as a generic quantization
+    policy makes them) into VisionQuantizedLinear: same parameters, so weights
+    load as before, but BLAS-speed products on the CPU."""
+
+    def convert(path: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.QuantizedLinear) and not isinstance(module, VisionQuantizedLinear):
+            return VisionQuantizedLinear.from_quantized(module)
+        return module
+
+    tower.update_modules(tree_map_with_path(convert, tower.leaf_modules(), is_leaf=nn.Module.is_module))

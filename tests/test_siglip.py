@@ -16,6 +16,7 @@ from moshivis_mlx import blas
 from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
 from moshivis_mlx.image import normalize
 from moshivis_mlx.layouts import LayoutError, vision_from_hf
+from moshivis_mlx.quantize import QuantizationPolicy
 from moshivis_mlx.resample import bicubic_matrix
 from moshivis_mlx.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh, quantize_vision_tower
 
@@ -226,6 +227,19 @@ def test_vision_quantized_linear_paths_agree(input_dims):
     np.testing.assert_allclose(by_dequantizing, by_quantized_matmul, rtol=0, atol=1e-5)
     error = np.abs(by_dequantizing - np.array(linear(x))).max()
     assert 1e-5 < error < 1e-2  # quantized, and 8 bits are close
+
+
+def test_generic_quantized_vision_layers_get_the_vision_kernels(reference):
+    """A checkpoint quantized by the general policy (plain nn.QuantizedLinear in the
+    tower) loads with the tower's kernels and computes the same features."""
+    model = moshivis_mlx.load(FIXTURE, dtype="float32", policy=QuantizationPolicy.mixed(8, 32, vision_bits=8))
+    layers = [m for _, m in model.vision.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(isinstance(m, VisionQuantizedLinear) for m in layers)
+    out = np.array(model.encode_image(reference["image.pixels"]))
+    assert 0 < np.abs(out - reference["image.encoder_out"]).max() < 0.1
+    fc1 = model.vision.encoder.layers[0].mlp.fc1
+    x = mx.random.normal((1, 16, fc1.input_dims), key=mx.random.key(1))
+    np.testing.assert_allclose(np.array(fc1(x)), np.array(nn.QuantizedLinear.__call__(fc1, x)), rtol=0, atol=1e-5)
 
 
 def test_full_size_tower_quantizes_every_encoder_linear():
