@@ -13,6 +13,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "Conversation": "conversation",
     "DepformerConfig": "config",
+    "ImageError": "image",
     "ImageKV": "temporal",
     "IncompatibleModelError": "conversation",
     "ModelConfig": "config",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError
     from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
     from .conversation import Conversation, IncompatibleModelError
+    from .image import ImageError
     from .loading import load
     from .model import MoshiVis
     from .sampling import SamplerConfig, TokenSampler

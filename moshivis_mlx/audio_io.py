@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .resample import resample
+from .audio_resample import resample
 
 FORMAT_PCM = 0x0001
 FORMAT_IEEE_FLOAT = 0x0003

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .config import ModelConfig
+from .config import ModelConfig, VisionConfig
 from .siglip import sanitize_patch_embedding
 
 LAYOUT_PYTORCH = "pytorch"  # kyutai/moshika-vis-pytorch-bf16
@@ -22,6 +22,9 @@ _MARKERS = {
     LAYOUT_UPSTREAM_MLX: "depformer.slices.0.linear_in.weight",
     LAYOUT_NATIVE: "depformer.input_proj.weight",
 }
+
+
+PATCH_EMBEDDING_WEIGHT = "embeddings.patch_embedding.weight"
 
 
 def detect_layout(names) -> str | None:
@@ -118,7 +121,7 @@ def from_pytorch(weights: dict[str, mx.array], cfg: ModelConfig) -> tuple[dict[s
     put("image_prefix.proj_xa.weight", take("image_prefix.proj_xa.weight"))
     put("image_prefix.proj_xa.bias", take("image_prefix.proj_xa.bias"))
     put("image_prefix.norm_xa.weight", _norm(take("image_prefix.norm_xa.alpha")))
-    out.update(vision_from_hf(weights, "image_prefix.enc.model."))
+    out.update(vision_from_hf(weights, "image_prefix.enc.model.", cfg.vision))
     return out, missing
 
 
@@ -223,18 +226,29 @@ def from_upstream_mlx(weights: dict[str, mx.array], cfg: ModelConfig) -> tuple[d
 
     move("transformer.image_prefix.proj_xa", "image_prefix.proj_xa")
     move_vector("transformer.image_prefix.norm_xa.weight", "image_prefix.norm_xa.weight")
-    out.update(vision_from_hf(weights, "img_embedder.model."))
+    out.update(vision_from_hf(weights, "img_embedder.model.", cfg.vision))
     return out, missing
 
 
-def vision_from_hf(weights: dict[str, mx.array], prefix: str) -> dict[str, mx.array]:
-    """Hugging Face SigLIP names under `prefix` -> `vision.*`. Consumes them."""
+def vision_from_hf(
+    weights: dict[str, mx.array], prefix: str, cfg: VisionConfig, out_prefix: str = "vision."
+) -> dict[str, mx.array]:
+    """Hugging Face `SiglipVisionTransformer` names under `prefix` -> `out_prefix` + the
+    same names. Consumes them.
+
+    Only the patch convolution changes: PyTorch (out, in, kh, kw) becomes MLX
+    (out, kh, kw, in); a weight already in MLX layout is kept, so converting
+    twice is harmless, and any other shape is a LayoutError.
+    """
     out = {}
     for name in [n for n in weights if n.startswith(prefix)]:
         value = weights.pop(name)
         local = name[len(prefix) :]
-        if local == "embeddings.patch_embedding.weight" and value.ndim == 4 and value.shape[1] == 3:
-            value = sanitize_patch_embedding(value)
-        out["vision." + local] = value
+        if local == PATCH_EMBEDDING_WEIGHT:
+            try:
+                value = sanitize_patch_embedding(value, cfg)
+            except ValueError as e:
+                raise LayoutError(f"{name}: {e}") from None
+        out[out_prefix + local] = value
     return out
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio_io import WavWriter
-from .resample import Resampler
+from .audio_resample import Resampler
 
 DEFAULT_MAX_LAG_SECONDS = 0.5  # bound on (waiting input + queued output)
 _INPUT_QUEUE_BLOCKS = 512  # safety bound on callback blocks not yet taken by the worker

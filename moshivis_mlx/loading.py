@@ -22,6 +22,7 @@ from .layouts import (
     from_upstream_mlx,
 )
 from .model import MoshiVis
+from .siglip import use_vision_kernels
 from .quantize import (
     DEFAULT_GROUP_SIZE,
     QuantizationError,
@@ -184,10 +185,28 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
     )
 
 
+AUTO_DTYPE = "auto"
+
+
 def dtype_from_name(dtype: str) -> mx.Dtype:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + [AUTO_DTYPE]}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_dtype(dtype: str, quantized: bool) -> str:
+    """The compute dtype for `dtype="auto"`: bf16, except quantized models on a CPU.
+
+    MLX's CPU quantized matmul is ~9x faster with float32 activations and
+    scales than with bf16 (and as fast as a bf16 matmul), while on a GPU bf16
+    is the fast path. Unquantized models keep bf16 everywhere: float32 would
+    double their memory.
+    """
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
+        return dtype
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    return "float32" if (quantized and on_cpu) else "bfloat16"
 
 
 def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):
@@ -224,6 +243,7 @@ def prepare(
             )
     if quantization is not None:
         apply_quantization(model, quantization, weights)
+        use_vision_kernels(model.vision)  # same parameters, fast on the CPU
     with _size_hint(ckpt.has_config):
         check_against_model(model, weights, ckpt.weights_path)
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
@@ -232,7 +252,7 @@ def prepare(
 
 def load(
     path: str | Path,
-    dtype: str = "bfloat16",
+    dtype: str = AUTO_DTYPE,
     config: ModelConfig | None = None,
     *,
     bits: int | None = None,
@@ -244,15 +264,18 @@ def load(
 
     Any released layout is accepted (official PyTorch, upstream MLX bf16/q4/q8,
     this project's). `dtype` is the compute dtype: float weights, and the
-    scales of quantized ones, are cast to it. `bits` quantizes a float
+    scales of quantized ones, are cast to it; "auto" picks bfloat16, or
+    float32 for a quantized model on a CPU (see `resolve_dtype`). `bits` quantizes a float
     checkpoint on load with the default mixed policy (see `quantize.py`);
     `policy` gives full control instead. Tensors are read and quantized one at
     a time, so memory never holds the float and the quantized model together.
     `lazy=True` checks every name and shape but reads no tensor data.
     """
-    dtype_from_name(dtype)
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
     policy = quantization_request(bits, group_size, policy)
     ckpt = open_checkpoint(path, config)
+    dtype = resolve_dtype(dtype, quantized=policy is not None or ckpt.quantization is not None)
     model, weights, _ = prepare(ckpt, dtype, policy)
     model.load_weights(list(weights.items()), strict=True)
     del weights

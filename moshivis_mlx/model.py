@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import NORM_MEAN_SQUARE, ModelConfig
 from .depformer import Depformer
+from .image import FIT_STRETCH, ImageSource, preprocess
 from .layers import RMSNorm, make_norm
 from .sampling import SamplerConfig
-from .siglip import SiglipVisionTower
+from .siglip import SiglipVisionTower, quantize_vision_tower
 from .temporal import ImageKV, TemporalTransformer
+
+VISION_QUANT_BITS = 8
+VISION_QUANT_GROUP = 64
 
 
 class ImageProjection(nn.Module):
@@ -63,17 +68,84 @@ class MoshiVis(nn.Module):
         embeddings = self.image_prefix(features.astype(self.dtype))
         return self.transformer.cross_attention.image_kv(embeddings)
 
+    def encode_image(
+        self,
+        image: ImageSource,
+        *,
+        image_size: int | None = None,
+        fit: str = FIT_STRETCH,
+        dtype: mx.Dtype | None = None,
+    ) -> mx.array:
+        """An image (path, bytes, PIL.Image, uint8 array) -> SigLIP features (N, width).
+
+        `image_size` (default: the encoder's native size, 448 for the release)
+        may differ from the native size: the position embeddings are then
+        interpolated as the official encoder does. `dtype` is the compute dtype
+        of the tower (default: `SiglipVisionTower.default_compute_dtype`).
+        """
+        size = image_size or self.cfg.vision.image_size
+        if size < self.cfg.vision.patch_size:
+            raise ValueError(f"image_size must be at least the patch size {self.cfg.vision.patch_size}, got {size}")
+        if isinstance(image, mx.array):
+            image = np.array(image)
+        pixels = mx.array(preprocess(image, size, fit))[None]
+        return self.vision(pixels.astype(dtype or self.vision.default_compute_dtype()))[0]
+
+    def embed_image(
+        self,
+        image: "ImageKV | ImageSource | mx.array",
+        *,
+        image_size: int | None = None,
+        fit: str = FIT_STRETCH,
+        dtype: mx.Dtype | None = None,
+    ) -> ImageKV:
+        """Anything that describes an image -> its cross-attention K/V, computed once.
+
+        `image` is an ImageKV (returned as is), SigLIP features (N, width), a
+        file path, the bytes of an image file, a PIL.Image or a uint8 array
+        (H, W, 3). The result is evaluated before returning, so nothing
+        image-sized stays alive but the K/V. See `encode_image` for the options.
+        """
+        if isinstance(image, ImageKV):
+            return image
+        if _is_features(image):
+            kv = self.image_kv_from_features(mx.array(image))
+        else:
+            kv = self.image_kv_from_features(self.encode_image(image, image_size=image_size, fit=fit, dtype=dtype))
+        mx.eval(kv.keys, kv.values)  # detaches the K/V from the pixels and features
+        return kv
+
+    def cast_vision(self, dtype: mx.Dtype) -> None:
+        """Keep the vision tower's float weights in `dtype` (e.g. mx.bfloat16)."""
+        self.vision.set_dtype(dtype)
+        mx.eval(self.vision.parameters())
+
+    def quantize_vision(self, bits: int = VISION_QUANT_BITS, group_size: int = VISION_QUANT_GROUP) -> None:
+        """Quantize the vision tower's encoder Linear layers (see `siglip.is_quantizable_vision_layer`)."""
+        quantize_vision_tower(self.vision, bits=bits, group_size=group_size)
+        mx.eval(self.vision.parameters())
+
     def text_logits(self, temporal_out: mx.array) -> mx.array:
         return self.text_linear(temporal_out)
 
     def stream(
         self,
-        image: "ImageKV | mx.array | None" = None,
+        image: "ImageKV | ImageSource | mx.array | None" = None,
         *,
         greedy: bool = False,
         sampler: SamplerConfig | None = None,
     ):
-        """Start a streaming conversation; see `Stream.step`."""
+        """Start a streaming conversation; see `Stream.step`. `image` is anything
+        `embed_image` accepts, or None for no image."""
         from .stream import Stream
 
         return Stream(self, image=image, greedy=greedy, sampler=sampler)
+
+
+def _is_features(image) -> bool:
+    """Encoder features are 2-D floating arrays; pixels are uint8 and 2-D or 3-D."""
+    if isinstance(image, mx.array):
+        return image.ndim == 2 and mx.issubdtype(image.dtype, mx.floating)
+    if isinstance(image, np.ndarray):
+        return image.ndim == 2 and np.issubdtype(image.dtype, np.floating)
+    return False

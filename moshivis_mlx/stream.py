@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import TEXT_PADDING_IDS
+from .image import ImageSource
 from .layers import KVWindow, visible_slots
 from .sampling import RepetitionPenalty, SamplerConfig
 from .temporal import ImageKV
@@ -42,7 +43,7 @@ class Stream:
     def __init__(
         self,
         model,
-        image: ImageKV | mx.array | None = None,
+        image: "ImageKV | ImageSource | mx.array | None" = None,
         *,
         greedy: bool = False,
         sampler: SamplerConfig | None = None,
@@ -87,13 +88,16 @@ class Stream:
         self._key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
         self._recent = self._penalty.initial_recent() if self._penalty is not None else mx.zeros((0,), mx.int32)
 
-    def set_image(self, image: ImageKV | mx.array | None) -> None:
-        """Use this image from the next step on (None turns vision off)."""
-        if image is None or isinstance(image, ImageKV):
-            self.image = image
-        else:
-            self.image = self.model.image_kv_from_features(mx.array(image))
-            mx.async_eval(self.image.keys, self.image.values)
+    def set_image(self, image: "ImageKV | ImageSource | mx.array | None", *, reset: bool = False) -> None:
+        """Use this image from the next step on; None turns vision off.
+
+        `image` is anything `MoshiVis.embed_image` accepts (an ImageKV, a file
+        path, bytes, a PIL.Image, a uint8 array (H, W, 3) or SigLIP features
+        (N, width)). The conversation so far is kept unless `reset` is True.
+        """
+        self.image = None if image is None else self.model.embed_image(image)
+        if reset:
+            self.reset()
 
     @property
     def caches(self) -> list[mx.array]:

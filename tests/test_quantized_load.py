@@ -103,7 +103,7 @@ def test_config_that_contradicts_the_tensors_is_refused(cfg, tmp_path):
 
 
 def test_quantize_on_load_follows_the_mixed_policy(cfg):
-    model = mv.load(FIXTURE_A, config=cfg, bits=4)
+    model = mv.load(FIXTURE_A, config=cfg, bits=4, dtype="bfloat16")
     body = model.transformer.layers[0]
     for layer in (body.self_attn.in_proj, body.gating.linear_out, body.cross_gate.linear_in):
         assert isinstance(layer, nn.QuantizedLinear) and (layer.bits, layer.group_size) == (4, 64)
@@ -216,3 +216,18 @@ def test_full_size_mixed_q4_size():
     assert total_params == 8_307_240_688  # the released PyTorch file's count (manifest)
     # Body at 4.5 (4 bits + bf16 scale and bias per 64), ~15 % at 8.5, SigLIP (5 %) at 16.
     assert 5.5 < bpw < 5.8, bpw
+
+
+def test_auto_dtype_is_float32_for_quantized_models_on_cpu_only():
+    """Per-backend compute dtype: quantized matmuls on the CPU are ~9x faster in float32."""
+    import mlx.core as mx
+
+    from moshivis_mlx.loading import resolve_dtype
+
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert resolve_dtype("auto", quantized=True) == ("float32" if on_cpu else "bfloat16")
+    assert resolve_dtype("auto", quantized=False) == "bfloat16"
+    assert resolve_dtype("float16", quantized=True) == "float16"
+    quantized = mv.load(FIXTURE_A, bits=8)
+    assert quantized.dtype == (mx.float32 if on_cpu else mx.bfloat16)
+    assert mv.load(FIXTURE_A).dtype == mx.bfloat16
