@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--mimi")
     p.add_argument("--tokenizer")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     args = p.parse_args()
 
     image = np.load(args.image) if args.image.endswith(".npy") else args.image

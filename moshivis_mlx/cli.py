@@ -37,10 +37,6 @@ _SAMPLER = SamplerConfig()
 _INTERRUPTED_EXIT = 130  # the shell's code for a program ended by Ctrl-C
 
 
-def default_dtype() -> str:
-    return "bfloat16" if sys.platform == "darwin" else "float32"
-
-
 class UsageError(ValueError):
     """Arguments that cannot work together, found before anything is loaded."""
 
@@ -75,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO", help=f"default {DEFAULT_REPO}")
     weights.add_argument("--mimi", metavar="PATH", help="a local Mimi checkpoint (.safetensors)")
     weights.add_argument("--tokenizer", metavar="PATH", help="a local text tokenizer (sentencepiece .model)")
-    weights.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                         help="compute dtype (default: bfloat16 on macOS; float32 elsewhere, where MLX runs on "
-                              "the CPU and quantized matmuls are ~9x faster with float32 activations)")
+    weights.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                         help="compute dtype (default auto: bfloat16, or float32 for quantized weights on a CPU, "
+                              "where it is ~9x faster)")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--seed", type=int, help="make the answer reproducible")
     sampling.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
@@ -171,7 +167,7 @@ def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
     which = f"{files.bits}-bit" if files.bits not in (None, BF16) else "bf16" if files.bits == BF16 else "local"
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
     tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi)  # the quick ones first
-    model = load_model(files.model, dtype=args.dtype or default_dtype())
+    model = load_model(files.model, dtype=args.dtype)
     conversation = Conversation(model, mimi, tokenizer, sampler=make_sampler(args))
     for label, image in reversed(images):
         try:

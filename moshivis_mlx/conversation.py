@@ -159,7 +159,7 @@ class Conversation:
         mimi: str | Path | None = None,
         tokenizer: str | Path | None = None,
         bits: int | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         image=None,
         sampler: SamplerConfig | None = None,
         greedy: bool = False,

@@ -126,7 +126,7 @@ def _missing_message(repo: str, missing: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: str | Path, *, dtype: str = "bfloat16"):
+def load_model(path: str | Path, *, dtype: str = "auto"):
     """`moshivis_mlx.load` for a resolved checkpoint: the one place the CLI and
     `Conversation.from_pretrained` load weights. A Hub file is loaded as it is:
     its bits are read from its tensors, not from its name."""
