@@ -37,8 +37,11 @@ def assets(tmp_path_factory, talking_checkpoint, mimi_path, tokenizer_path):
     d = tmp_path_factory.mktemp("cli")
     stereo48k = np.stack([speech_like(QUESTION_SECONDS, 48000), speech_like(QUESTION_SECONDS, 48000, seed=1)], 1)
     write_wav(d / "question.wav", stereo48k, 48000)  # not Mimi's rate, not mono: resampled and mixed down
-    for i in range(2):
-        np.save(d / f"picture{i}.npy", np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(d / "picture0.png")  # a picture file, resized for the tiny SigLIP
+    np.save(d / "picture1.npy", np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32))  # features
     weights = ["--model", talking_checkpoint, "--mimi", mimi_path, "--tokenizer", tokenizer_path, "--dtype", "float32"]
     return d, weights
 
@@ -50,7 +53,7 @@ def test_file_mode_end_to_end_and_reproducible(assets):
         out, transcript = d / f"answer{run}.wav", d / f"answer{run}.txt"
         result = run_cli(*weights, "--input", d / "question.wav", "--output", out, "--transcript", transcript,
                          "--tail", TAIL_SECONDS, "--seed", 7,
-                         "--image", d / "picture0.npy", "--image", f"{d / 'picture1.npy'}@1.2")
+                         "--image", d / "picture0.png", "--image", f"{d / 'picture1.npy'}@1.2")
         assert result.returncode == 0, result.stderr
         samples, rate = read_wav(out)
         expected = (QUESTION_SECONDS + TAIL_SECONDS) * rate
@@ -141,11 +144,16 @@ def test_arguments_are_checked_first(tmp_path, assets):
     assert_clean_error(run_cli("--image", tmp_path / "absent.jpg"), "no such file")
     assert_clean_error(run_cli("--input", d / "question.wav", "--output", tmp_path / "no" / "o.wav"),
                        "directory does not exist")
-    assert_clean_error(run_cli("--image", f"{d / 'picture0.npy'}@3"), "file mode")
+    assert_clean_error(run_cli("--image", f"{d / 'picture0.png'}@3"), "file mode")
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((16, 7), np.float32))  # not the vision width
     assert_clean_error(run_cli(*weights, "--input", d / "question.wav", "--output", tmp_path / "o.wav",
                                "--image", f"{wrong}@1"), f"--image {wrong}: cannot use it")
+    not_a_picture = tmp_path / "photo.jpg"
+    not_a_picture.write_text("not a picture")
+    assert_clean_error(run_cli(*weights, "--input", d / "question.wav", "--output", tmp_path / "o.wav",
+                               "--image", not_a_picture), "cannot use it", "not an image")
+    assert not (tmp_path / "o.wav").exists()
     assert_clean_error(run_cli("--max-lag", "0.05"), "at least one frame")
     assert run_cli("--model", "m", "-q", "4").returncode == 2  # argparse: one source of weights
 

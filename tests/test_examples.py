@@ -25,11 +25,13 @@ def local_files(talking_checkpoint, mimi_path, tokenizer_path) -> list:
 
 
 def pictures(directory: Path) -> list[Path]:
-    paths = []
-    for i in range(2):
-        paths.append(directory / f"picture{i}.npy")
-        np.save(paths[-1], np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
-    return paths
+    """A picture file and a .npy of SigLIP features: the examples take both."""
+    from PIL import Image
+
+    picture, features = directory / "picture.png", directory / "features.npy"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture)
+    np.save(features, np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32))
+    return [picture, features]
 
 
 def test_offline_demo(tmp_path, talking_checkpoint, mimi_path, tokenizer_path):

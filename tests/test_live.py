@@ -109,8 +109,10 @@ def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120
 def test_talk_switch_picture_and_ctrl_c(tmp_path, jack_48k, weights):
     """Frames flow both ways through a 48 kHz device (resampled both ways), a typed
     path switches the picture, and Ctrl-C ends cleanly with every file written."""
-    picture = tmp_path / "picture.npy"
-    np.save(picture, np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    from PIL import Image
+
+    picture = tmp_path / "my picture.png"  # a space, as dragged files often have
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(picture)
     record, transcript, stats_path = tmp_path / "talk.wav", tmp_path / "talk.txt", tmp_path / "stats.json"
     proc, stdout, stderr = start_cli(
         [*weights, "--record", record, "--transcript", transcript, "--debug-stats-json", stats_path],
