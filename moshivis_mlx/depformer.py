@@ -32,7 +32,7 @@ class DepformerAttention(nn.Module):
         keys = mx.concatenate([p[0] for p in past], axis=2) if len(past) > 1 else k
         values = mx.concatenate([p[1] for p in past], axis=2) if len(past) > 1 else v
         y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
-        return self.out_proj(merge_heads(y))
+        return self.out_proj(merge_heads(y, x.ndim))
 
 
 class DepformerStepLayer(nn.Module):
@@ -87,16 +87,16 @@ class Depformer(nn.Module):
         by the step before it; attention only sees the current frame, so the
         per-layer history starts empty each call.
         """
-        inputs = self.input_proj(temporal_out).reshape(-1, 1, self.cfg.depformer.dim)  # (K, 1, d)
+        inputs = self.input_proj(temporal_out).reshape(-1, self.cfg.depformer.dim)  # (K, d)
         past: list[list[tuple[mx.array, mx.array]]] = [[] for _ in self.layers]
         token = text_token
         tokens, logits = [], []
         for k, step in enumerate(self.steps):
-            x = (inputs[k] + step.emb(token))[None]  # (1, 1, d)
+            x = inputs[k : k + 1] + step.emb(token)  # (1, d)
             for norms, weights, layer_past in zip(self.layers, step.layers, past):
                 x = x + weights.self_attn(norms.norm1(x), layer_past)
                 x = x + weights.gating(norms.norm2(x))
-            step_logits = step.linear_out(x[0])  # (1, audio_card)
+            step_logits = step.linear_out(x)  # (1, audio_card)
             token = sampler(step_logits, k)
             tokens.append(token)
             logits.append(step_logits)

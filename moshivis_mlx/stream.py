@@ -122,9 +122,9 @@ class Stream:
     def _frame(self, tokens_in, keys, values, offset, key, recent, image, visible):
         """The model's work for one frame, as a pure function of arrays."""
         model = self.model
-        x = model.embed_tokens(tokens_in[None, None, :])  # (1, 1, dim)
+        x = model.embed_tokens(tokens_in[None, :])  # (1, dim): one step travels 2-D
         x, keys, values = model.transformer(x, keys, values, offset, visible, image)
-        temporal_out = model.out_norm(x[:, 0])  # (1, dim)
+        temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
 
         step_keys = mx.random.split(key, 1 + self._num_gen)

@@ -36,14 +36,14 @@ class SelfAttention(nn.Module):
         keys, k_seen, mask = write_window(keys, k, offset, visible)
         values, v_seen, _ = write_window(values, split_heads(v, self.num_heads), offset, visible)
         y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=mask)
-        return self.out_proj(merge_heads(y)), keys, values
+        return self.out_proj(merge_heads(y, x.ndim)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
         """Whole-sequence forward from step 0 (for tests and prefill)."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
         q, k = self.rope(q), self.rope(k)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(merge_heads(y))
+        return self.out_proj(merge_heads(y, x.ndim))
 
 
 @dataclass
@@ -82,9 +82,9 @@ class SharedCrossAttention(nn.Module):
         )
 
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
-        q = split_heads(self.q_proj(x), self.num_heads)
+        q = split_heads(self.q_proj(x), self.num_heads)  # (B, T, dim) or one step (B, dim)
         y = mx.fast.scaled_dot_product_attention(q, image.keys, image.values, scale=self.scale)
-        return self.out_proj(merge_heads(y))
+        return self.out_proj(merge_heads(y, x.ndim))
 
 
 class CrossAttentionGate(nn.Module):
