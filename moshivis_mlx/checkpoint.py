@@ -69,13 +69,6 @@ def read_header(path: str | Path) -> dict[str, dict]:
     return header
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(header_len)).get("__metadata__", {}) or {}
-
-
 def load_safetensors(path: str | Path) -> dict[str, mx.array]:
     """All tensors of a validated safetensors file, lazily, in their stored dtype."""
     read_header(path)

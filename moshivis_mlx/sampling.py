@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 @functools.cache
@@ -66,16 +67,12 @@ class TokenSampler:
         """logits (B, V) -> tokens (B,) int32."""
         if self.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        logprobs = nn_log_softmax(logits.astype(mx.float32) / self.temperature)
+        logprobs = nn.log_softmax(logits.astype(mx.float32) / self.temperature)
         if 0 < self.top_k < logits.shape[-1]:
             logprobs = _sample_utils().apply_top_k(logprobs, self.top_k)
         if self.top_p < 1.0:
             logprobs = _sample_utils().apply_top_p(logprobs, self.top_p)
         return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
-
-
-def nn_log_softmax(x: mx.array) -> mx.array:
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)

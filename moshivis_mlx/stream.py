@@ -62,6 +62,13 @@ class Stream:
         self._delays = np.array(cfg.delays)
         self._user_rows = np.arange(1 + self._num_gen, 1 + cfg.num_audio_codebooks)
         self._ring_len = 2 * cfg.max_delay + 2
+        # The user's codebooks grouped by delay: each group is written with one update per step.
+        user_delays = self._delays[self._user_rows]
+        self._user_groups = [
+            (int(d), mx.array(self._user_rows[cb]), mx.array(cb))
+            for d in np.unique(user_delays)
+            for cb in [np.flatnonzero(user_delays == d)]
+        ]
         self._initial = mx.array(
             [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.num_audio_codebooks, dtype=mx.int32
         )
@@ -108,11 +115,8 @@ class Stream:
 
     def _model_input(self, user_codes: mx.array) -> mx.array:
         t = self.offset
-        user_delays = self._delays[self._user_rows]
-        for d in np.unique(user_delays):
-            codebooks = np.flatnonzero(user_delays == d)
-            rows = self._user_rows[codebooks]
-            self._ring[mx.array(rows), (t + int(d)) % self._ring_len] = user_codes[mx.array(codebooks)]
+        for delay, rows, codebooks in self._user_groups:
+            self._ring[rows, (t + delay) % self._ring_len] = user_codes[codebooks]
         column = self._ring[:, t % self._ring_len]
         still_initial = self._delays >= t  # a stream with delay d waits d + 1 steps
         if still_initial.any():
