@@ -173,6 +173,7 @@ class Stream:
          self._window.keys, self._window.values, self._recent) = self._frame_fn(
             with_image, visible_slots(self.offset, self._window.size)
         )(*inputs)
+        del inputs  # the old window must have no other owner, so its update is done in place
 
         self.offset += 1
         self._ring[: 1 + self._num_gen, self.offset % self._ring_len] = mx.concatenate([text_token, audio_tokens])
