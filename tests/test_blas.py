@@ -63,3 +63,17 @@ def test_ld_preload_is_recognised(library):
     env_preload = str(library.parent / "libblas.so.3") if (library.parent / "libblas.so.3").exists() else str(library)
     result = probe({"LD_PRELOAD": env_preload})
     assert result["optimized"], result["note"]
+
+
+def blis_library():
+    return next((p for p in blas.candidate_paths() if "blis" in p.name and p.is_absolute() and p.exists()), None)
+
+
+@pytest.mark.skipif(blis_library() is None, reason="no BLIS on this machine (.ci/run installs libblis4-pthread)")
+def test_blis_is_recognised_and_agrees_with_the_bundled_one():
+    import numpy as np
+
+    fast = probe({"LD_PRELOAD": str(blis_library())})
+    slow = probe({blas.OPT_OUT_VARIABLE: "bundled"})
+    assert fast["optimized"] and "blis" in fast["note"], fast["note"]
+    np.testing.assert_allclose(fast["product"], slow["product"], rtol=1e-5, atol=1e-5)
