@@ -9,39 +9,57 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, KVWindow, RMSNorm, merge_heads, split_heads, visible_slots, write_window
+from .layers import (
+    GatedFFN,
+    InterleavedRoPE,
+    KVWindow,
+    RMSNorm,
+    merge_heads,
+    split_heads,
+    visible_slots,
+    write_window,
+)
+
+
+@dataclass
+class StepPosition:
+    """What every layer of one step shares, computed once per step."""
+
+    slot: mx.array  # (1,) window slot of this step
+    valid: mx.array  # (visible,) bool: slots that hold a key
+    cos: mx.array  # RoPE tables of this step (head_dim,)
+    sin: mx.array
+    visible: int  # window slots read (see `visible_slots`)
 
 
 class SelfAttention(nn.Module):
     """Causal attention with fused QKV and interleaved RoPE on absolute steps."""
 
-    def __init__(self, dim: int, num_heads: int, rope_max_period: float):
+    def __init__(self, dim: int, num_heads: int, rope: InterleavedRoPE):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = nn.RoPE(dim // num_heads, traditional=True, base=rope_max_period)
+        self._rope = rope  # shared by all layers
 
     def __call__(
-        self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array, visible: int
+        self, x: mx.array, keys: mx.array, values: mx.array, at: StepPosition
     ) -> tuple[mx.array, mx.array, mx.array]:
-        """One step (1, 1, dim) at absolute position `offset`; returns (y, keys, values).
-
-        `visible` is how many window slots may hold keys (see `visible_slots`).
-        """
+        """One step (1, dim) at `at`; returns (y, keys, values)."""
         qk, v = mx.split(self.in_proj(x), [2 * self.num_heads * self.head_dim], axis=-1)
-        q, k = mx.split(self.rope(split_heads(qk, 2 * self.num_heads), offset=offset), 2, axis=1)
-        keys, k_seen, mask = write_window(keys, k, offset, visible)
-        values, v_seen, _ = write_window(values, split_heads(v, self.num_heads), offset, visible)
-        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=mask)
+        q, k = mx.split(self._rope(split_heads(qk, 2 * self.num_heads), at.cos, at.sin), 2, axis=1)
+        keys, k_seen = write_window(keys, k, at.slot, at.visible)
+        values, v_seen = write_window(values, split_heads(v, self.num_heads), at.slot, at.visible)
+        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=at.valid)
         return self.out_proj(merge_heads(y, x.ndim)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
         """Whole-sequence forward from step 0 (for tests and prefill)."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
-        q, k = self.rope(q), self.rope(k)
+        cos, sin = self._rope.tables(mx.arange(x.shape[1]))
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(y, x.ndim))
 
@@ -102,10 +120,10 @@ class CrossAttentionGate(nn.Module):
 
 
 class TemporalLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: InterleavedRoPE):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.rope_max_period)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, rope)
         self.norm_cross = RMSNorm(cfg.dim, cfg.norm_eps)
         self.cross_gate = CrossAttentionGate(cfg.dim, cfg.gate_hidden)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -120,12 +138,11 @@ class TemporalLayer(nn.Module):
         x: mx.array,
         keys: mx.array,
         values: mx.array,
-        offset: mx.array,
-        visible: int,
+        at: StepPosition,
         xa: SharedCrossAttention,
         image: ImageKV | None,
     ) -> tuple[mx.array, mx.array, mx.array]:
-        y, keys, values = self.self_attn(self.norm1(x), keys, values, offset, visible)
+        y, keys, values = self.self_attn(self.norm1(x), keys, values, at)
         x = x + y
         if image is not None:
             x = self.cross_attend(x, xa, image)
@@ -136,9 +153,16 @@ class TemporalTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.layers = [TemporalLayer(cfg) for _ in range(cfg.num_layers)]
+        self._rope = InterleavedRoPE(cfg.head_dim, cfg.rope_max_period)
+        self.layers = [TemporalLayer(cfg, self._rope) for _ in range(cfg.num_layers)]
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
+
+    def position(self, offset: mx.array, visible: int) -> StepPosition:
+        """Step `offset`'s slot, valid-slot mask and rotation, for all layers at once."""
+        cos, sin = self._rope.tables(offset)
+        slot = (offset % self.cfg.context).reshape(1)
+        return StepPosition(slot, mx.arange(visible) <= offset, cos, sin, visible)
 
     def make_cache(self, dtype: mx.Dtype) -> KVWindow:
         cfg = self.cfg
@@ -154,9 +178,10 @@ class TemporalTransformer(nn.Module):
         image: ImageKV | None,
     ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """One step (1, 1, dim); returns the output and the updated per-layer keys/values."""
+        at = self.position(offset, visible)
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, keys, values):
-            x, k, v = layer(x, k, v, offset, visible, self.cross_attention, image)
+            x, k, v = layer(x, k, v, at, self.cross_attention, image)
             new_keys.append(k)
             new_values.append(v)
         return x, new_keys, new_values
