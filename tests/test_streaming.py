@@ -130,3 +130,32 @@ def test_step_updates_the_kv_window_in_place(compiled):
         np.array(stream.step(user).tokens)
     extra = mx.get_peak_memory() - before
     assert extra < window_bytes / 4, f"a step allocated {extra} bytes beside a {window_bytes}-byte window"
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_step_only_queues_work(monkeypatch, tmp_path, compiled):
+    """One host synchronisation per step, the client's read: step() itself never
+    waits for the device. With evaluation held back, the graph of the step's
+    outputs must reach back to its first operations (the KV window writes of
+    every layer): anything evaluated inside step() would show up as a leaf."""
+    cfg = tiny_config()
+    model = random_model(cfg, seed=5)
+    stream = mv.Stream(model, sampler=mv.SamplerConfig(seed=0), compiled=compiled)
+    user = np.zeros(cfg.num_user_codebooks, np.int32)
+    for _ in range(cfg.max_delay + 2):
+        np.array(stream.step(user).tokens)
+
+    def synchronised(*args, **kwargs):
+        raise AssertionError("step() waited for the device")
+
+    monkeypatch.setattr(mx, "eval", synchronised)
+    monkeypatch.setattr(mx, "synchronize", synchronised)
+    monkeypatch.setattr(mx, "async_eval", lambda *args, **kwargs: None)
+    out = stream.step(user)
+    monkeypatch.undo()
+    graph = tmp_path / "step.dot"
+    mx.export_to_dot(str(graph), out.tokens, out.audio_logits)
+    text = graph.read_text()
+    assert text.count("DynamicSliceUpdate") == 2 * cfg.num_layers  # this step's window writes
+    assert "RandomBits" in text  # ...through to the sampled tokens
+    np.array(out.tokens)  # the client's read: the one synchronisation
