@@ -29,8 +29,10 @@ class DepformerAttention(nn.Module):
         """Attend over this frame's earlier steps; appends this step's (k, v) to `past`."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
         past.append((k, v))
-        keys = mx.concatenate([p[0] for p in past], axis=2) if len(past) > 1 else k
-        values = mx.concatenate([p[1] for p in past], axis=2) if len(past) > 1 else v
+        if len(past) == 1:  # one key: its softmax weight is exactly 1, so attention returns v
+            return self.out_proj(merge_heads(v, x.ndim))
+        keys = mx.concatenate([p[0] for p in past], axis=2)
+        values = mx.concatenate([p[1] for p in past], axis=2)
         y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
         return self.out_proj(merge_heads(y, x.ndim))
 
