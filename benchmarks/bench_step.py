@@ -34,6 +34,7 @@ BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.loading import depformer_dtype  # noqa: E402
 
 
 def dispatch_config() -> mv.ModelConfig:
@@ -161,6 +162,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--no-image", action="store_true")
+    ap.add_argument(
+        "--depformer-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
+    )
     ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
     ap.add_argument("--components", action="store_true", help="also time each part of the step")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -173,6 +180,10 @@ def main() -> None:
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
     random_weights(model, getattr(mx, dtype))
+    depformer = depformer_dtype("auto", quantized=False) if args.depformer_dtype == "auto" else args.depformer_dtype
+    if depformer is not None and args.mode == "full":
+        model.depformer.set_dtype(getattr(mx, depformer))
+        mx.eval(model.depformer.parameters())
     image = None if args.no_image else mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
     stream = mv.Stream(model, image, sampler=mv.SamplerConfig(seed=0), compiled=not args.eager)
     user = np.zeros(cfg.num_user_codebooks, np.int32)
@@ -183,6 +194,7 @@ def main() -> None:
     result = {
         "mode": args.mode,
         "dtype": dtype,
+        "depformer_dtype": str(model.depformer.input_proj.weight.dtype),
         "image": image is not None,
         "compiled": not args.eager,
         "median_ms": round(1000 * statistics.median(times), 2),

@@ -74,8 +74,9 @@ def forced_sampler(tokens: np.ndarray) -> mv.TokenSampler:
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("run", RUNS)
-def test_bfloat16_teacher_forced_within_tolerance(reference, norm, run):
-    model = mv.load(FIXTURE_A, config=fixture_config(norm))  # bf16, the default
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # auto: on a CPU the depformer computes in float32
+def test_bfloat16_teacher_forced_within_tolerance(reference, norm, run, dtype):
+    model = mv.load(FIXTURE_A, dtype, config=fixture_config(norm))
     assert model.dtype == mx.bfloat16
     prefix = NORM_PREFIX[norm] + run
     sampler = mv.SamplerConfig(

@@ -231,3 +231,20 @@ def test_auto_dtype_is_float32_for_quantized_models_on_cpu_only():
     quantized = mv.load(FIXTURE_A, bits=8)
     assert quantized.dtype == (mx.float32 if on_cpu else mx.bfloat16)
     assert mv.load(FIXTURE_A).dtype == mx.bfloat16
+
+
+def test_auto_dtype_computes_the_depformer_in_float32_on_cpu_only():
+    """MLX's CPU bf16 matmul is ~4x slower than float32 through BLAS; the small depformer pays for it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    auto = mv.load(FIXTURE_A)
+    depformer = {v.dtype for _, v in tree_flatten(auto.depformer.parameters())}
+    rest = {v.dtype for k, v in tree_flatten(auto.parameters()) if not k.startswith("depformer.")}
+    assert depformer == ({mx.float32} if on_cpu else {mx.bfloat16})
+    assert rest == {mx.bfloat16}
+    explicit = mv.load(FIXTURE_A, dtype="bfloat16")
+    assert {v.dtype for _, v in tree_flatten(explicit.depformer.parameters())} == {mx.bfloat16}
+    quantized = mv.load(FIXTURE_A, bits=8)  # already computes in float32 on a CPU
+    assert quantized.depformer.steps[0].linear_out.scales.dtype == quantized.dtype
