@@ -1,5 +1,6 @@
 """Whole-session behaviour: start-up time and memory over a long conversation.
 
+    python benchmarks/bench_session.py random-checkpoint DIR   # full size, bf16, random (15.4 GB)
     python benchmarks/bench_session.py first-frame CHECKPOINT [--dtype bfloat16]
     python benchmarks/bench_session.py memory [--steps 10000]
 
@@ -66,6 +67,26 @@ def first_frame(checkpoint: str, dtype: str) -> dict:
     }
 
 
+def random_checkpoint(directory: str, cfg: mv.ModelConfig | None = None) -> dict:
+    """A released-size bf16 checkpoint with random weights, written one tensor at a
+    time (memory holds one tensor), through the same writer as `convert`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mlx.utils import tree_flatten
+
+    from convert.converter import write_checkpoint
+
+    cfg = cfg or mv.moshika_vis()
+    shapes = {name: p.shape for name, p in tree_flatten(mv.MoshiVis(cfg).parameters())}  # lazy: never computed
+    weights = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if len(shape) > 1:
+            weights[name] = (mx.random.normal(shape, key=mx.random.key(i)) * 0.02).astype(mx.bfloat16)
+        else:
+            weights[name] = mx.ones(shape, mx.bfloat16)
+    output, size = write_checkpoint(directory, cfg, weights, None, dtype="bfloat16", force=True)
+    return {"checkpoint": str(output), "bytes": size, "seconds": round(time.perf_counter() - START, 1)}
+
+
 def memory(steps: int) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_step import dispatch_config, random_weights
@@ -93,13 +114,20 @@ def memory(steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
+    rc = sub.add_parser("random-checkpoint")
+    rc.add_argument("directory")
     ff = sub.add_parser("first-frame")
     ff.add_argument("checkpoint")
     ff.add_argument("--dtype", default="bfloat16")
     mem = sub.add_parser("memory")
     mem.add_argument("--steps", type=int, default=10_000)
     args = ap.parse_args()
-    result = first_frame(args.checkpoint, args.dtype) if args.mode == "first-frame" else memory(args.steps)
+    if args.mode == "random-checkpoint":
+        result = random_checkpoint(args.directory)
+    elif args.mode == "first-frame":
+        result = first_frame(args.checkpoint, args.dtype)
+    else:
+        result = memory(args.steps)
     result["blas"] = BLAS.library or "bundled reference BLAS"
     print(json.dumps(result))
 

@@ -1,7 +1,7 @@
 """Upstream's step and ours, on the same machine, in the same run.
 
     pip install --no-deps moshi_mlx==0.3.0      # upstream Moshi MLX, for this benchmark only
-    python benchmarks/bench_upstream.py full    # released shapes, bf16, random weights
+    python benchmarks/bench_upstream.py full    # released widths, 8 of 32 layers, bf16, random weights
     python benchmarks/bench_upstream.py dispatch
 
 CPU speed on a shared machine drifts by tens of percent from one hour to the
@@ -12,6 +12,10 @@ without an image, alternating step by step on the same shapes and samplers:
 the ratio is what it is today. Upstream's MoshiVis MLX code is not on PyPI;
 its temporal transformer and depformer are these ones plus the
 cross-attention.
+
+Two full-size models do not fit next to each other in 24 GB, so `full` keeps 8
+of the 32 temporal layers (`--layers`); the depformer, vocabularies and
+samplers are full size.
 """
 
 from __future__ import annotations
@@ -93,11 +97,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["full", "dispatch"])
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None, help="temporal layers (full: 8)")
     args = ap.parse_args()
     if args.mode == "full":
         cfg, dtype, steps = mv.moshika_vis(), mx.bfloat16, args.steps or 10
+        cfg.num_layers = args.layers or 8
     else:
         cfg, dtype, steps = dispatch_shapes(), mx.float32, args.steps or 200
+        cfg.num_layers = args.layers or cfg.num_layers
 
     from moshi_mlx.utils import sampling
 
@@ -131,6 +138,7 @@ def main() -> None:
     result = {
         "mode": args.mode,
         "dtype": str(dtype),
+        "temporal_layers": cfg.num_layers,
         "steps": steps,
         "upstream_median_ms": round(1000 * statistics.median(times["upstream"]), 2),
         "ours_median_ms": round(1000 * statistics.median(times["ours"]), 2),
