@@ -54,7 +54,8 @@ def dispatch_config() -> mv.ModelConfig:
     )
 
 
-def random_weights(model: mv.MoshiVis, dtype: mx.Dtype) -> None:
+def random_weights(model, dtype: mx.Dtype) -> None:
+    """Random weights of `dtype` for any MLX module (ours or upstream's); norms get ones."""
     from mlx.utils import tree_flatten, tree_unflatten
 
     params = [
@@ -157,17 +158,11 @@ def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) ->
 
 
 def depformer_only(dtype: str, steps: int) -> dict:
-    from mlx.utils import tree_flatten, tree_unflatten
-
     from moshivis_mlx.depformer import Depformer
 
     cfg = mv.moshika_vis()
     depformer = Depformer(cfg)
-    params = [
-        (k, (mx.random.normal(v.shape) * 0.02).astype(mx.bfloat16) if v.ndim > 1 else mx.ones(v.shape, mx.bfloat16))
-        for k, v in tree_flatten(depformer.parameters())
-    ]
-    depformer.update(tree_unflatten(params))
+    random_weights(depformer, mx.bfloat16)  # as stored; then computed in `dtype`
     depformer.set_dtype(getattr(mx, dtype))
     mx.eval(depformer.parameters())
     sampler = mv.SamplerConfig()

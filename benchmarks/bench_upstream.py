@@ -36,7 +36,6 @@ from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
 BLAS = use_optimized_blas()
 
 import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from bench_step import dispatch_config, random_weights  # noqa: E402
@@ -76,12 +75,7 @@ def upstream_model(cfg: mv.ModelConfig, dtype: mx.Dtype):
         conditioners={},
     )
     model = lm.Lm(lm_cfg)
-    params = [
-        (k, (mx.random.normal(v.shape) * 0.02).astype(dtype) if v.ndim > 1 else mx.ones(v.shape, dtype))
-        for k, v in tree_flatten(model.parameters())
-    ]
-    model.update(tree_unflatten(params))
-    mx.eval(model.parameters())
+    random_weights(model, dtype)
     return model
 
 
