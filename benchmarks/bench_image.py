@@ -4,6 +4,7 @@ tower (So400m: 27 layers, width 1152, 1024 tokens; random weights).
     python benchmarks/bench_image.py                      # float32, bf16, q8; one process each
     python benchmarks/bench_image.py --variants bf16-compute q8-qmm
     python benchmarks/bench_image.py --blas both          # with and without OpenBLAS
+    python benchmarks/bench_image.py --projection         # only the image K/V projection, bf16 vs float32
 
 Variants (weights in memory / compute dtype):
   float32       float32 / float32
@@ -135,15 +136,42 @@ def run_variant(name: str, repeats: int) -> dict:
     }
 
 
+def time_projection() -> dict:
+    """Features (1024, 1152) -> the image's cross-attention K/V, released shapes, bf16 weights,
+    computed in bf16 and in float32 (what `MoshiVis.image_kv_from_features` picks on a CPU with BLAS)."""
+    from bench_step import random_weights
+    from moshivis_mlx.config import ModelConfig
+    from moshivis_mlx.model import ImageProjection
+    from moshivis_mlx.temporal import SharedCrossAttention
+
+    cfg = ModelConfig()
+    prefix, xa = ImageProjection(cfg), SharedCrossAttention(cfg.dim, cfg.num_heads)
+    for module in (prefix, xa):
+        random_weights(module, mx.bfloat16)
+    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
+    mx.eval(features)
+    result = {}
+    for dtype in (mx.bfloat16, mx.float32):
+        start = time.perf_counter()
+        kv = xa.image_kv(prefix(features.astype(dtype)))
+        mx.eval(kv.keys.astype(mx.bfloat16), kv.values.astype(mx.bfloat16))
+        result[f"{dtype}".split(".")[-1] + "_seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["float32", "bf16", "q8"], choices=list(VARIANTS))
     parser.add_argument("--blas", choices=("optimized", "bundled", "both"), default="optimized")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per variant (best is kept)")
+    parser.add_argument("--projection", action="store_true", help="only time the image's K/V projection")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.one, args.repeats)))
+        return
+    if args.projection:
+        print(json.dumps({**time_projection(), "blas": BLAS.library or "bundled reference BLAS"}))
         return
     blas_runs = {"optimized": [True], "bundled": [False], "both": [False, True]}[args.blas]
     cfg = VisionConfig()
