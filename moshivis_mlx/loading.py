@@ -205,8 +205,7 @@ def resolve_dtype(dtype: str, quantized: bool) -> str:
     if dtype != AUTO_DTYPE:
         dtype_from_name(dtype)
         return dtype
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    return "float32" if (quantized and on_cpu) else "bfloat16"
+    return "float32" if (quantized and _on_cpu()) else "bfloat16"
 
 
 def depformer_dtype(requested: str, quantized: bool) -> str | None:
@@ -218,8 +217,11 @@ def depformer_dtype(requested: str, quantized: bool) -> str | None:
     of ~0.85 s, for 1.3 GB more memory. The temporal transformer stays bf16:
     in float32 it would not fit a 24 GB machine. On a GPU, bf16 throughout.
     """
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    return "float32" if requested == AUTO_DTYPE and on_cpu and not quantized else None
+    return "float32" if requested == AUTO_DTYPE and _on_cpu() and not quantized else None
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
 
 
 def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):

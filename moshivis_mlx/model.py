@@ -79,11 +79,9 @@ class MoshiVis(nn.Module):
         20-23 s through MLX's CPU bf16 matmul, 1.1 s through BLAS in float32
         (full size, here). Once per image, so the upcast weights are transient.
         """
-        from .blas import status  # imports nothing heavy
+        from .blas import float32_matmuls_are_faster
 
-        if mx.default_device() == mx.cpu and status().optimized:
-            return mx.float32
-        return self.dtype
+        return mx.float32 if float32_matmuls_are_faster() else self.dtype
 
     def encode_image(
         self,

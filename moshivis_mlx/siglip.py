@@ -159,11 +159,9 @@ class SiglipVisionTower(nn.Module):
         of MLX's Linux wheel, float32 is ~2x slower than bf16, so bf16 weights
         compute in bf16. On a GPU the weights' dtype is used.
         """
-        from .blas import status  # imports nothing heavy
+        from .blas import float32_matmuls_are_faster
 
-        if mx.default_device() == mx.cpu and status().optimized:
-            return mx.float32
-        return self.dtype
+        return mx.float32 if float32_matmuls_are_faster() else self.dtype
 
     def __call__(self, pixels: mx.array) -> mx.array:
         """(B, H, W, 3) normalised to [-1, 1] -> last hidden state (B, N, width).
