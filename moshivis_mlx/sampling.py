@@ -67,12 +67,24 @@ class TokenSampler:
         """logits (B, V) -> tokens (B,) int32."""
         if self.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
+        if 0 < self.top_k < logits.shape[-1] and self.top_p == 1.0:
+            return self._draw_among_top_k(logits, key)
         logprobs = nn.log_softmax(logits.astype(mx.float32) / self.temperature)
         if 0 < self.top_k < logits.shape[-1]:
             logprobs = _sample_utils().apply_top_k(logprobs, self.top_k)
         if self.top_p < 1.0:
             logprobs = _sample_utils().apply_top_p(logprobs, self.top_p)
         return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
+
+    def _draw_among_top_k(self, logits: mx.array, key: mx.array | None) -> mx.array:
+        """The same distribution as masking all but the k best and drawing from
+        the whole vocabulary, at a fraction of the cost: the noise is drawn for
+        k values instead of 32,000, and no normalisation is needed (a draw from
+        softmax(l / T) is unchanged by a shift of l)."""
+        scaled = logits.astype(mx.float32) / self.temperature
+        best = mx.argpartition(-scaled, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        choice = mx.random.categorical(mx.take_along_axis(scaled, best, axis=-1), axis=-1, key=key)
+        return mx.take_along_axis(best, choice[..., None], axis=-1)[..., 0].astype(mx.int32)
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,21 @@ def test_greedy_and_sampler_are_exclusive():
     model = random_model(tiny_config())
     with pytest.raises(ValueError, match="either greedy"):
         model.stream(greedy=True, sampler=mv.SamplerConfig())
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.45, 5), (1.7, 12)])
+def test_top_k_draws_follow_the_tempered_distribution_of_the_k_best(temperature, top_k):
+    """Top-k sampling draws among the k best only; their frequencies must match
+    softmax(logits / T) renormalised over those k (within 4 standard errors)."""
+    vocab, draws = 60, 20000
+    logits = mx.random.normal((1, vocab), key=mx.random.key(3)) * 2
+    sampler = mv.TokenSampler(temperature=temperature, top_k=top_k)
+    tokens = np.array(sampler(mx.repeat(logits, draws, axis=0), mx.random.key(4)))
+    l64 = np.array(logits[0], np.float64) / temperature
+    best = np.argsort(-l64)[:top_k]
+    expected = np.zeros(vocab)
+    expected[best] = np.exp(l64[best] - l64[best].max())
+    expected /= expected.sum()
+    seen = np.bincount(tokens, minlength=vocab) / draws
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / draws) + 1e-9
+    assert np.all(np.abs(seen - expected) <= tolerance), np.abs(seen - expected).max()
