@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, make_norm, merge_heads, split_heads
+from .layers import GatedFFN, add_linear, attend, make_norm, merge_heads
 
 # (logits (1, audio_card), codebook index k) -> token (1,)
 Sampler = Callable[[mx.array, int], mx.array]
@@ -21,20 +21,23 @@ class DepformerAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
-        """Attend over this frame's earlier steps; appends this step's (k, v) to `past`."""
-        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
+    def __call__(self, x: mx.array, residual: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
+        """`residual` + attention of one step `x` (1, dim) over this frame's earlier
+        steps; appends this step's (k, v) to `past`."""
+        heads = self.num_heads
+        q, k, v = mx.split(self.in_proj(x).reshape(1, 3 * heads, 1, self.head_dim), 3, axis=1)
         past.append((k, v))
         if len(past) == 1:  # one key: its softmax weight is exactly 1, so attention returns v
-            return self.out_proj(merge_heads(v, x.ndim))
+            return add_linear(residual, self.out_proj, merge_heads(v, 2))
         keys = mx.concatenate([p[0] for p in past], axis=2)
         values = mx.concatenate([p[1] for p in past], axis=2)
-        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
-        return self.out_proj(merge_heads(y, x.ndim))
+        y = attend(q, keys, values, self.scale)
+        return add_linear(residual, self.out_proj, merge_heads(y, 2))
 
 
 class DepformerStepLayer(nn.Module):
@@ -96,8 +99,8 @@ class Depformer(nn.Module):
         for k, step in enumerate(self.steps):
             x = inputs[k : k + 1] + step.emb(token)  # (1, d)
             for norms, weights, layer_past in zip(self.layers, step.layers, past):
-                x = x + weights.self_attn(norms.norm1(x), layer_past)
-                x = x + weights.gating(norms.norm2(x))
+                x = weights.self_attn(norms.norm1(x), x, layer_past)
+                x = weights.gating.residual(x, norms.norm2(x))
             step_logits = step.linear_out(x)  # (1, audio_card)
             token = sampler(step_logits, k)
             tokens.append(token)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import TEXT_PADDING_IDS
 from .image import ImageSource
-from .layers import KVWindow, visible_slots
+from .layers import KVWindow, visible_slots, window_full
 from .sampling import RepetitionPenalty, SamplerConfig
 from .temporal import ImageKV
 
@@ -78,7 +78,7 @@ class Stream:
             if s.repetition_penalty != 1.0
             else None
         )
-        # One function per (cross-attention on?, visible window slots).
+        # One function per (cross-attention on?, visible window slots, window full?).
         self._frame_fns: dict[tuple[bool, int], Callable] = {}
         self.image: ImageKV | None = None
         self.set_image(image)
@@ -123,11 +123,11 @@ class Stream:
             column = mx.where(mx.array(still_initial), self._initial, column)
         return column
 
-    def _frame(self, tokens_in, keys, values, offset, key, recent, image, visible):
+    def _frame(self, tokens_in, keys, values, offset, key, recent, image, visible, full):
         """The model's work for one frame, as a pure function of arrays."""
         model = self.model
         x = model.embed_tokens(tokens_in[None, :])  # (1, dim): one step travels 2-D
-        x, keys, values = model.transformer(x, keys, values, offset, visible, image)
+        x, keys, values = model.transformer(x, keys, values, offset, visible, image, full)
         temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
 
@@ -143,18 +143,18 @@ class Stream:
         )
         return text_token, audio_tokens, text_logits[0], audio_logits, temporal_out[0], keys, values, recent
 
-    def _frame_fn(self, with_image: bool, visible: int) -> Callable:
-        fn = self._frame_fns.get((with_image, visible))
+    def _frame_fn(self, with_image: bool, visible: int, full: bool) -> Callable:
+        fn = self._frame_fns.get((with_image, visible, full))
         if fn is None:
             if with_image:
                 def frame(tokens_in, keys, values, offset, key, recent, image_keys, image_values):
                     image = ImageKV(image_keys, image_values)
-                    return self._frame(tokens_in, keys, values, offset, key, recent, image, visible)
+                    return self._frame(tokens_in, keys, values, offset, key, recent, image, visible, full)
             else:
                 def frame(tokens_in, keys, values, offset, key, recent):
-                    return self._frame(tokens_in, keys, values, offset, key, recent, None, visible)
+                    return self._frame(tokens_in, keys, values, offset, key, recent, None, visible, full)
             fn = mx.compile(frame) if self.compiled else frame
-            self._frame_fns[(with_image, visible)] = fn
+            self._frame_fns[(with_image, visible, full)] = fn
         return fn
 
     def step(self, user_codes) -> StepOutput:
@@ -171,7 +171,7 @@ class Stream:
             inputs += [self.image.keys, self.image.values]
         (text_token, audio_tokens, text_logits, audio_logits, temporal_out,
          self._window.keys, self._window.values, self._recent) = self._frame_fn(
-            with_image, visible_slots(self.offset, self._window.size)
+            with_image, visible_slots(self.offset, self._window.size), window_full(self.offset, self._window.size)
         )(*inputs)
         del inputs  # the old window must have no other owner, so its update is done in place
 

@@ -14,9 +14,12 @@ from .layers import (
     InterleavedRoPE,
     KVWindow,
     RMSNorm,
+    add_linear,
+    attend,
     merge_heads,
     split_heads,
     visible_slots,
+    window_full,
     write_window,
 )
 
@@ -26,8 +29,8 @@ class StepPosition:
     """What every layer of one step shares, computed once per step."""
 
     slot: mx.array  # (1,) window slot of this step
-    valid: mx.array  # (visible,) bool: slots that hold a key
-    cos: mx.array  # RoPE tables of this step (head_dim,)
+    valid: mx.array | None  # (visible,) bool: slots that hold a key; None once all do
+    cos: mx.array  # RoPE tables of this step for the stacked q, k, v rows (3 * heads, head_dim)
     sin: mx.array
     visible: int  # window slots read (see `visible_slots`)
 
@@ -45,15 +48,22 @@ class SelfAttention(nn.Module):
         self._rope = rope  # shared by all layers
 
     def __call__(
-        self, x: mx.array, keys: mx.array, values: mx.array, at: StepPosition
+        self, x: mx.array, residual: mx.array, keys: mx.array, values: mx.array, at: StepPosition
     ) -> tuple[mx.array, mx.array, mx.array]:
-        """One step (1, dim) at `at`; returns (y, keys, values)."""
-        qk, v = mx.split(self.in_proj(x), [2 * self.num_heads * self.head_dim], axis=-1)
-        q, k = mx.split(self._rope(split_heads(qk, 2 * self.num_heads), at.cos, at.sin), 2, axis=1)
+        """One step: `x` (1, dim) normed, `residual` the layer input; returns
+        (residual + attention, keys, values).
+
+        q, k and v are rotated together as rows of one (3 * heads, head_dim)
+        array (the tables leave v unchanged and scale q), then split once.
+        """
+        heads, head_dim = self.num_heads, self.head_dim
+        rows = self.in_proj(x).reshape(3 * heads, head_dim)
+        rotated = self._rope(rows, at.cos, at.sin).reshape(1, 3 * heads, 1, head_dim)
+        q, k, v = mx.split(rotated, 3, axis=1)
         keys, k_seen = write_window(keys, k, at.slot, at.visible)
-        values, v_seen = write_window(values, split_heads(v, self.num_heads), at.slot, at.visible)
-        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=at.valid)
-        return self.out_proj(merge_heads(y, x.ndim)), keys, values
+        values, v_seen = write_window(values, v, at.slot, at.visible)
+        y = attend(q, k_seen, v_seen, 1.0, at.valid)  # q carries the scale
+        return add_linear(residual, self.out_proj, merge_heads(y, x.ndim)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
         """Whole-sequence forward from step 0 (for tests and prefill)."""
@@ -101,7 +111,7 @@ class SharedCrossAttention(nn.Module):
 
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
         q = split_heads(self.q_proj(x), self.num_heads)  # (B, T, dim) or one step (B, dim)
-        y = mx.fast.scaled_dot_product_attention(q, image.keys, image.values, scale=self.scale)
+        y = attend(q, image.keys, image.values, self.scale)
         return self.out_proj(merge_heads(y, x.ndim))
 
 
@@ -142,11 +152,10 @@ class TemporalLayer(nn.Module):
         xa: SharedCrossAttention,
         image: ImageKV | None,
     ) -> tuple[mx.array, mx.array, mx.array]:
-        y, keys, values = self.self_attn(self.norm1(x), keys, values, at)
-        x = x + y
+        x, keys, values = self.self_attn(self.norm1(x), x, keys, values, at)
         if image is not None:
             x = self.cross_attend(x, xa, image)
-        return x + self.gating(self.norm2(x)), keys, values
+        return self.gating.residual(x, self.norm2(x)), keys, values
 
 
 class TemporalTransformer(nn.Module):
@@ -158,11 +167,16 @@ class TemporalTransformer(nn.Module):
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
 
-    def position(self, offset: mx.array, visible: int) -> StepPosition:
-        """Step `offset`'s slot, valid-slot mask and rotation, for all layers at once."""
-        cos, sin = self._rope.tables(offset)
-        slot = (offset % self.cfg.context).reshape(1)
-        return StepPosition(slot, mx.arange(visible) <= offset, cos, sin, visible)
+    def position(self, offset: mx.array, visible: int, window_full: bool = False) -> StepPosition:
+        """Step `offset`'s slot, valid-slot mask and rotation, for all layers at once.
+
+        `window_full`: every slot holds a key (offset >= context - 1), so no mask.
+        """
+        cfg = self.cfg
+        cos, sin = self._rope.qkv_tables(offset, cfg.num_heads, cfg.head_dim**-0.5)
+        slot = (offset % cfg.context).reshape(1)
+        valid = None if window_full else mx.arange(visible) <= offset
+        return StepPosition(slot, valid, cos, sin, visible)
 
     def make_cache(self, dtype: mx.Dtype) -> KVWindow:
         cfg = self.cfg
@@ -176,9 +190,11 @@ class TemporalTransformer(nn.Module):
         offset: mx.array,
         visible: int,
         image: ImageKV | None,
+        full: bool = False,
     ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-        """One step (1, 1, dim); returns the output and the updated per-layer keys/values."""
-        at = self.position(offset, visible)
+        """One step (1, dim); returns the output and the updated per-layer keys/values.
+        `full`: the window is full (see `position`)."""
+        at = self.position(offset, visible, full)
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, keys, values):
             x, k, v = layer(x, k, v, at, self.cross_attention, image)
@@ -189,7 +205,9 @@ class TemporalTransformer(nn.Module):
     def step(self, x: mx.array, cache: KVWindow, offset: int, image: ImageKV | None) -> mx.array:
         """Uncompiled convenience: one step that updates `cache` in place."""
         visible = visible_slots(offset, cache.size)
-        x, cache.keys, cache.values = self(x, cache.keys, cache.values, mx.array(offset), visible, image)
+        x, cache.keys, cache.values = self(
+            x, cache.keys, cache.values, mx.array(offset), visible, image, window_full(offset, cache.size)
+        )
         return x
 
     def forward_sequence(
