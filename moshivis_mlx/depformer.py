@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, add_linear, attend, make_norm, merge_heads
+from .layers import GatedFFN, Linear, add_linear, attend, make_norm, merge_heads
 
 # (logits (1, audio_card), codebook index k) -> token (1,)
 Sampler = Callable[[mx.array, int], mx.array]
@@ -23,8 +23,8 @@ class DepformerAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.in_proj = Linear(dim, 3 * dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array, residual: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
         """`residual` + attention of one step `x` (1, dim) over this frame's earlier
@@ -57,7 +57,7 @@ class DepformerStep(nn.Module):
         dep = cfg.depformer
         self.emb = nn.Embedding(token_vocab, dep.dim)
         self.layers = [DepformerStepLayer(dep.dim, dep.num_heads, dep.ffn_hidden) for _ in range(dep.num_layers)]
-        self.linear_out = nn.Linear(dep.dim, cfg.audio_card, bias=False)
+        self.linear_out = Linear(dep.dim, cfg.audio_card, bias=False)
 
 
 class DepformerNorms(nn.Module):
@@ -76,7 +76,7 @@ class Depformer(nn.Module):
         dep = cfg.depformer
         self.cfg = cfg
         # The 8 per-step input projections of the temporal output, fused into one matmul.
-        self.input_proj = nn.Linear(cfg.dim, dep.num_steps * dep.dim, bias=False)
+        self.input_proj = Linear(cfg.dim, dep.num_steps * dep.dim, bias=False)
         self.layers = [DepformerNorms(cfg) for _ in range(dep.num_layers)]
         self.steps = [
             DepformerStep(cfg, (cfg.text_card if k == 0 else cfg.audio_card) + 1) for k in range(dep.num_steps)

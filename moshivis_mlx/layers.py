@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .blas import one_row_block_rows
 from .config import NORM_MEAN_SQUARE, NORM_VARIANCE
 
 
@@ -52,11 +53,75 @@ def make_norm(kind: str, dim: int, eps: float, in_float32: bool = True) -> nn.Mo
     raise ValueError(f"unknown norm kind {kind!r}")
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that can keep its transposed weight between calls.
+
+    `x @ W.T` puts a Transpose into the graph at every call: ~400 per step.
+    `keep_transposed_weights` stores the transposed weight as a view (no copy:
+    it shares the weight's memory), and where OpenBLAS multiplies one row by
+    a large float32 weight slowly, the same as views of row blocks (see
+    `blas.one_row_block_rows`). A weight replaced afterwards (`update`,
+    `set_dtype`) is noticed and transposed on the fly again: a kept view is
+    never stale.
+    """
+
+    def keep_transposed(self) -> list[mx.array]:
+        """Make the views (still to be evaluated: see `keep_transposed_weights`)."""
+        weight = self["weight"]
+        out_features, in_features = weight.shape
+        rows = None
+        if weight.dtype == mx.float32 and mx.default_device() == mx.cpu:
+            rows = one_row_block_rows(in_features, out_features)
+        blocks = [weight[i : i + rows].T for i in range(0, out_features, rows)] if rows else None
+        transposed = weight.T
+        object.__setattr__(self, "_kept", (weight, transposed, blocks))  # not a parameter
+        return [transposed] + (blocks or [])
+
+    def _kept_views(self) -> tuple[mx.array, list[mx.array] | None] | None:
+        kept = self.__dict__.get("_kept")
+        if kept is None or kept[0] is not self["weight"]:
+            return None
+        return kept[1], kept[2]
+
+    def weight_t(self) -> mx.array:
+        kept = self._kept_views()
+        return kept[0] if kept is not None else self["weight"].T
+
+    def _one_row_blocks(self, x: mx.array) -> list[mx.array] | None:
+        kept = self._kept_views()
+        if kept is None or kept[1] is None or x.ndim != 2 or x.shape[0] != 1:
+            return None
+        return kept[1]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        blocks = self._one_row_blocks(x)
+        if blocks is not None:
+            y = mx.concatenate([x @ block for block in blocks], axis=-1)
+            return y + self["bias"] if "bias" in self else y
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, self.weight_t())
+        return x @ self.weight_t()
+
+    def add_to(self, residual: mx.array, x: mx.array) -> mx.array:
+        """`residual + self(x)`, as one `addmm` where the product is one block."""
+        if "bias" in self or self._one_row_blocks(x) is not None:
+            return residual + self(x)
+        return mx.addmm(residual, x, self.weight_t())
+
+
+def keep_transposed_weights(model: nn.Module) -> None:
+    """Make every `Linear` of `model` keep its transposed views, evaluated once
+    here, outside any step graph."""
+    views = [view for m in model.modules() if isinstance(m, Linear) for view in m.keep_transposed()]
+    mx.eval(views)
+    mx.eval(views)  # evaluating them again detaches them from their Transpose nodes
+
+
 def add_linear(residual: mx.array, layer: nn.Module, x: mx.array) -> mx.array:
     """`residual + layer(x)`: one `addmm` for an unquantized Linear without bias
     instead of a product and an addition (a step has ~200 such residuals)."""
-    if isinstance(layer, nn.Linear) and "bias" not in layer:
-        return mx.addmm(residual, x, layer.weight.T)
+    if isinstance(layer, Linear):
+        return layer.add_to(residual, x)
     return residual + layer(x)
 
 
@@ -83,8 +148,8 @@ class GatedFFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.linear_in = Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = Linear(hidden, dim, bias=False)
 
     def hidden(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.linear_in(x), 2, axis=-1)

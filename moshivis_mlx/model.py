@@ -9,7 +9,7 @@ import mlx.nn as nn
 from .config import NORM_MEAN_SQUARE, ModelConfig
 from .depformer import Depformer
 from .image import FIT_STRETCH, ImageSource, preprocess
-from .layers import RMSNorm, make_norm
+from .layers import Linear, RMSNorm, make_norm
 from .sampling import SamplerConfig
 from .siglip import SiglipVisionTower, quantize_vision_tower
 from .temporal import ImageKV, TemporalTransformer
@@ -41,7 +41,7 @@ class MoshiVis(nn.Module):
         self.audio_embs = [nn.Embedding(cfg.audio_card + 1, cfg.dim) for _ in range(cfg.num_audio_codebooks)]
         self.transformer = TemporalTransformer(cfg)
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.text_linear = Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = Depformer(cfg)
         self.image_prefix = ImageProjection(cfg)
         self.vision = SiglipVisionTower(cfg.vision)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import TEXT_PADDING_IDS
 from .image import ImageSource
-from .layers import KVWindow, visible_slots, window_full
+from .layers import KVWindow, keep_transposed_weights, visible_slots, window_full
 from .sampling import RepetitionPenalty, SamplerConfig
 from .temporal import ImageKV
 
@@ -79,7 +79,8 @@ class Stream:
             else None
         )
         # One function per (cross-attention on?, visible window slots, window full?).
-        self._frame_fns: dict[tuple[bool, int], Callable] = {}
+        self._frame_fns: dict[tuple[bool, int, bool], Callable] = {}
+        keep_transposed_weights(model)
         self.image: ImageKV | None = None
         self.set_image(image)
         self.reset()

@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .layers import (
+    Linear,
     GatedFFN,
     InterleavedRoPE,
     KVWindow,
@@ -43,8 +44,8 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.in_proj = Linear(dim, 3 * dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
         self._rope = rope  # shared by all layers
 
     def __call__(
@@ -93,9 +94,9 @@ class SharedCrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.kv_proj = Linear(dim, 2 * dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
 
     def image_kv(self, embeddings: mx.array) -> ImageKV:
         """Project image embeddings (N, dim) once; the result serves every layer.
@@ -122,8 +123,8 @@ class CrossAttentionGate(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.linear_in = nn.Linear(dim, hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.linear_in = Linear(dim, hidden, bias=False)
+        self.linear_out = Linear(hidden, dim, bias=False)
 
     def __call__(self, y: mx.array) -> mx.array:
         return mx.sigmoid(self.linear_out(nn.relu(self.linear_in(y))) + self.BIAS)
