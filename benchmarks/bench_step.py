@@ -39,6 +39,7 @@ BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.layers import keep_transposed_weights  # noqa: E402
 from moshivis_mlx.loading import depformer_dtype  # noqa: E402
 
 
@@ -115,6 +116,7 @@ def time_pipelined(stream: mv.Stream, user: np.ndarray, steps: int) -> float:
 def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) -> dict[str, float]:
     """Median ms of each part of a step, each compiled and run on its own."""
     cfg = model.cfg
+    keep_transposed_weights(model)  # as a Stream does
     window = model.transformer.make_cache(model.dtype)
     offset = mx.array(min(steps, cfg.context - 1))
     visible = cfg.context
@@ -165,6 +167,7 @@ def depformer_only(dtype: str, steps: int) -> dict:
     random_weights(depformer, mx.bfloat16)  # as stored; then computed in `dtype`
     depformer.set_dtype(getattr(mx, dtype))
     mx.eval(depformer.parameters())
+    keep_transposed_weights(depformer)  # as a Stream does
     sampler = mv.SamplerConfig()
     keys = mx.random.split(mx.random.key(0), 1 + cfg.num_generated_codebooks)
     frame = mx.compile(lambda x, token: depformer(x, token, lambda logits, k: sampler.audio(logits, keys[1 + k])))
