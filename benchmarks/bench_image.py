@@ -40,6 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshivis_mlx.blas import OPT_OUT_VARIABLE, use_optimized_blas  # noqa: E402
+from moshivis_mlx.malloc import restart_with_jemalloc  # noqa: E402
+
+restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
 BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 

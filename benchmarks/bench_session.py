@@ -25,6 +25,9 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.malloc import restart_with_jemalloc  # noqa: E402
+
+restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
 BLAS = use_optimized_blas()
 

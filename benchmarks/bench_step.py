@@ -33,6 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
+
+restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
 BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 
@@ -209,6 +212,7 @@ def main() -> None:
         dtype = (depformer_dtype("auto", quantized=False) or "bfloat16") if dtype == "auto" else dtype
         result = depformer_only(dtype, args.steps or 10)
         result["blas"] = BLAS.library or "bundled reference BLAS"
+        result["malloc"] = malloc_status()
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
     if args.mode == "dispatch":
@@ -252,6 +256,7 @@ def main() -> None:
         "peak_rss_mb": round(peak_rss_mb()),
         "machine": f"{platform.machine()} {platform.system()} mlx {mx.__version__} {mx.default_device()}",
         "blas": BLAS.library or "bundled reference BLAS",
+        "malloc": malloc_status(),
     }
     if args.components:
         result.update(component_times(model, image_kv, steps))

@@ -32,6 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
+
+restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
 BLAS = use_optimized_blas()
 
@@ -137,6 +140,7 @@ def main() -> None:
         "upstream_median_ms": round(1000 * statistics.median(times["upstream"]), 2),
         "ours_median_ms": round(1000 * statistics.median(times["ours"]), 2),
         "blas": BLAS.library or "bundled reference BLAS",
+        "malloc": malloc_status(),
         "mlx": mx.__version__,
     }
     result["ratio"] = round(result["ours_median_ms"] / result["upstream_median_ms"], 3)

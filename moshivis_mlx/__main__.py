@@ -9,7 +9,10 @@ CONVERT_COMMAND = "convert"
 
 def main(argv: list[str] | None = None) -> int:
     from .blas import use_optimized_blas
+    from .malloc import restart_with_jemalloc
 
+    if argv is None:  # started as a program, not called: it may restart with jemalloc (see malloc.py)
+        restart_with_jemalloc()
     use_optimized_blas()  # on Linux, before MLX is imported (see blas.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == CONVERT_COMMAND:
