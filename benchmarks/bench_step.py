@@ -43,7 +43,7 @@ import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from moshivis_mlx.layers import keep_transposed_weights  # noqa: E402
-from moshivis_mlx.loading import depformer_dtype  # noqa: E402
+from moshivis_mlx.loading import float32_parts_dtype  # noqa: E402
 
 
 def dispatch_config() -> mv.ModelConfig:
@@ -200,7 +200,8 @@ def main() -> None:
         "--depformer-dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32"],
-        help="auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
+        help="full: the dtype of the depformer, cross-attention and gates (MoshiVis.float32_on_cpu_parts); "
+        "auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
     )
     ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
     ap.add_argument("--components", action="store_true", help="also time each part of the step")
@@ -209,7 +210,7 @@ def main() -> None:
 
     if args.mode == "depformer":
         dtype = args.depformer_dtype
-        dtype = (depformer_dtype("auto", quantized=False) or "bfloat16") if dtype == "auto" else dtype
+        dtype = (float32_parts_dtype("auto", quantized=False) or "bfloat16") if dtype == "auto" else dtype
         result = depformer_only(dtype, args.steps or 10)
         result["blas"] = BLAS.library or "bundled reference BLAS"
         result["malloc"] = malloc_status()
@@ -223,10 +224,11 @@ def main() -> None:
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
     random_weights(model, getattr(mx, dtype))
-    depformer = depformer_dtype("auto", quantized=False) if args.depformer_dtype == "auto" else args.depformer_dtype
-    if depformer is not None and args.mode == "full":
-        model.depformer.set_dtype(getattr(mx, depformer))
-        mx.eval(model.depformer.parameters())
+    parts = float32_parts_dtype("auto", quantized=False) if args.depformer_dtype == "auto" else args.depformer_dtype
+    if parts is not None and args.mode == "full":  # as load(dtype="auto") does
+        for part in model.float32_on_cpu_parts():
+            part.set_dtype(getattr(mx, parts))
+            mx.eval(part.parameters())
     image = None if args.no_image else mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
     stream = mv.Stream(model, image, sampler=mv.SamplerConfig(seed=0), compiled=not args.eager)
     user = np.zeros(cfg.num_user_codebooks, np.int32)
@@ -244,6 +246,7 @@ def main() -> None:
         "mode": args.mode,
         "dtype": dtype,
         "depformer_dtype": str(model.depformer.input_proj.weight.dtype),
+        "cross_attention_dtype": str(model.transformer.cross_attention.out_proj.weight.dtype),
         "image": image is not None,
         "compiled": not args.eager,
         "median_ms": round(1000 * statistics.median(times), 2),

@@ -208,14 +208,12 @@ def resolve_dtype(dtype: str, quantized: bool) -> str:
     return "float32" if (quantized and _on_cpu()) else "bfloat16"
 
 
-def depformer_dtype(requested: str, quantized: bool) -> str | None:
-    """What `dtype="auto"` computes the depformer of an unquantized model in, if not the model's dtype.
+def float32_parts_dtype(requested: str, quantized: bool) -> str | None:
+    """What `dtype="auto"` computes the depformer, the cross-attention and its
+    gates of an unquantized model in, if not the model's dtype.
 
-    On a CPU, float32: MLX multiplies bf16 weights in its own scalar loop
-    (~2 GB/s of weights on one-row products here) but float32 ones through
-    BLAS (~9 GB/s), so the full-size depformer takes ~0.22 s per frame instead
-    of ~0.85 s, for 1.3 GB more memory. The temporal transformer stays bf16:
-    in float32 it would not fit a 24 GB machine. On a GPU, bf16 throughout.
+    On a CPU, float32 (see `MoshiVis.float32_on_cpu_parts`): 1.7 GB more
+    memory, the full-size depformer ~3x faster. On a GPU, bf16 throughout.
     """
     return "float32" if requested == AUTO_DTYPE and _on_cpu() and not quantized else None
 
@@ -285,8 +283,8 @@ def load(
     `policy` gives full control instead. Tensors are read and quantized one at
     a time, so memory never holds the float and the quantized model together.
     `lazy=True` checks every name and shape but reads no tensor data. On a
-    CPU, "auto" computes the depformer of an unquantized model in float32 (see
-    `depformer_dtype`).
+    CPU, "auto" computes the depformer, the cross-attention and its gates of
+    an unquantized model in float32 (see `MoshiVis.float32_on_cpu_parts`).
     """
     if dtype != AUTO_DTYPE:
         dtype_from_name(dtype)
@@ -298,8 +296,9 @@ def load(
     model.load_weights(list(weights.items()), strict=True)
     del weights
     model.eval()
-    if (depformer := depformer_dtype(dtype, quantized)) is not None:
-        model.depformer.set_dtype(dtype_from_name(depformer))
+    if (parts_dtype := float32_parts_dtype(dtype, quantized)) is not None:
+        for part in model.float32_on_cpu_parts():
+            part.set_dtype(dtype_from_name(parts_dtype))
     if not lazy:
         for _, value in tree_flatten(model.parameters()):
             mx.eval(value)  # one tensor at a time bounds the peak when quantizing on load

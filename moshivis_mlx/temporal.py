@@ -110,10 +110,16 @@ class SharedCrossAttention(nn.Module):
             mx.contiguous(split_heads(k, self.num_heads)), mx.contiguous(split_heads(v, self.num_heads))
         )
 
+    def compute_dtype(self, default: mx.Dtype) -> mx.Dtype:
+        """The dtype of the shared weights when they are not quantized, else `default`:
+        the image K/V are kept in it (see `MoshiVis.float32_on_cpu_parts`)."""
+        weight = self.out_proj.weight
+        return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else default
+
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
         q = split_heads(self.q_proj(x), self.num_heads)  # (B, T, dim) or one step (B, dim)
         y = attend(q, image.keys, image.values, self.scale)
-        return self.out_proj(merge_heads(y, x.ndim))
+        return self.out_proj(merge_heads(y, x.ndim)).astype(x.dtype)
 
 
 class CrossAttentionGate(nn.Module):
@@ -142,7 +148,7 @@ class TemporalLayer(nn.Module):
 
     def cross_attend(self, x: mx.array, xa: SharedCrossAttention, image: ImageKV) -> mx.array:
         y = xa(self.norm_cross(x), image)
-        return x + self.cross_gate(y) * y
+        return x + (self.cross_gate(y) * y).astype(x.dtype)  # the gate may compute in float32
 
     def __call__(
         self,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -233,17 +234,25 @@ def test_auto_dtype_is_float32_for_quantized_models_on_cpu_only():
     assert mv.load(FIXTURE_A).dtype == mx.bfloat16
 
 
-def test_auto_dtype_computes_the_depformer_in_float32_on_cpu_only():
-    """MLX's CPU bf16 matmul is ~4x slower than float32 through BLAS; the small depformer pays for it."""
+FLOAT32_ON_CPU = ("depformer.", "transformer.cross_attention.", ".cross_gate.")
+
+
+def test_auto_dtype_computes_the_depformer_and_cross_attention_in_float32_on_cpu_only():
+    """MLX's CPU bf16 matmul is ~4x slower than float32 through BLAS; the depformer, the
+    shared cross-attention and its gates are small enough to pay for it."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     auto = mv.load(FIXTURE_A)
-    depformer = {v.dtype for _, v in tree_flatten(auto.depformer.parameters())}
-    rest = {v.dtype for k, v in tree_flatten(auto.parameters()) if not k.startswith("depformer.")}
-    assert depformer == ({mx.float32} if on_cpu else {mx.bfloat16})
+    params = tree_flatten(auto.parameters())
+    upcast = {v.dtype for k, v in params if any(part in k for part in FLOAT32_ON_CPU)}
+    rest = {v.dtype for k, v in params if not any(part in k for part in FLOAT32_ON_CPU)}
+    assert upcast == ({mx.float32} if on_cpu else {mx.bfloat16})
     assert rest == {mx.bfloat16}
+    assert any(".cross_gate." in k for k, _ in params) and any("transformer.layers.0.self_attn" in k for k, _ in params)
+    kv = auto.embed_image(np.zeros((auto.cfg.vision.num_tokens, auto.cfg.vision.width), np.float32))
+    assert kv.keys.dtype == kv.values.dtype == (mx.float32 if on_cpu else mx.bfloat16)  # read as the xa computes
     explicit = mv.load(FIXTURE_A, dtype="bfloat16")
     assert {v.dtype for _, v in tree_flatten(explicit.depformer.parameters())} == {mx.bfloat16}
     quantized = mv.load(FIXTURE_A, bits=8)  # already computes in float32 on a CPU
