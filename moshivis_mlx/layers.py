@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,6 +54,15 @@ def make_norm(kind: str, dim: int, eps: float, in_float32: bool = True) -> nn.Mo
     raise ValueError(f"unknown norm kind {kind!r}")
 
 
+@dataclass(frozen=True)
+class KeptViews:
+    """What a `Linear` keeps of its weight: views, no copies."""
+
+    weight: mx.array  # the weight they were made from (to notice a replaced one)
+    transposed: mx.array  # weight.T
+    one_row_blocks: list[mx.array] | None  # weight.T in blocks of rows, where that is faster
+
+
 class Linear(nn.Linear):
     """`nn.Linear` that can keep its transposed weight between calls.
 
@@ -73,25 +83,24 @@ class Linear(nn.Linear):
         if weight.dtype == mx.float32 and mx.default_device() == mx.cpu:
             rows = one_row_block_rows(in_features, out_features)
         blocks = [weight[i : i + rows].T for i in range(0, out_features, rows)] if rows else None
-        transposed = weight.T
-        object.__setattr__(self, "_kept", (weight, transposed, blocks))  # not a parameter
-        return [transposed] + (blocks or [])
+        kept = KeptViews(weight, weight.T, blocks)
+        object.__setattr__(self, "_kept", kept)  # a plain attribute: not a parameter
+        return [kept.transposed] + (blocks or [])
 
-    def _kept_views(self) -> tuple[mx.array, list[mx.array] | None] | None:
+    def _kept_views(self) -> "KeptViews | None":
+        """The kept views, unless the weight was replaced since they were made."""
         kept = self.__dict__.get("_kept")
-        if kept is None or kept[0] is not self["weight"]:
-            return None
-        return kept[1], kept[2]
+        return kept if kept is not None and kept.weight is self["weight"] else None
 
     def weight_t(self) -> mx.array:
         kept = self._kept_views()
-        return kept[0] if kept is not None else self["weight"].T
+        return kept.transposed if kept is not None else self["weight"].T
 
     def _one_row_blocks(self, x: mx.array) -> list[mx.array] | None:
         kept = self._kept_views()
-        if kept is None or kept[1] is None or x.ndim != 2 or x.shape[0] != 1:
+        if kept is None or x.ndim != 2 or x.shape[0] != 1:
             return None
-        return kept[1]
+        return kept.one_row_blocks
 
     def __call__(self, x: mx.array) -> mx.array:
         blocks = self._one_row_blocks(x)

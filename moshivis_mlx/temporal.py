@@ -10,10 +10,10 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .layers import (
-    Linear,
     GatedFFN,
     InterleavedRoPE,
     KVWindow,
+    Linear,
     RMSNorm,
     add_linear,
     attend,
@@ -174,15 +174,15 @@ class TemporalTransformer(nn.Module):
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
 
-    def position(self, offset: mx.array, visible: int, window_full: bool = False) -> StepPosition:
+    def position(self, offset: mx.array, visible: int, full: bool = False) -> StepPosition:
         """Step `offset`'s slot, valid-slot mask and rotation, for all layers at once.
 
-        `window_full`: every slot holds a key (offset >= context - 1), so no mask.
+        `full`: every slot holds a key (offset >= context - 1), so no mask.
         """
         cfg = self.cfg
         cos, sin = self._rope.qkv_tables(offset, cfg.num_heads, cfg.head_dim**-0.5)
         slot = (offset % cfg.context).reshape(1)
-        valid = None if window_full else mx.arange(visible) <= offset
+        valid = None if full else mx.arange(visible) <= offset
         return StepPosition(slot, valid, cos, sin, visible)
 
     def make_cache(self, dtype: mx.Dtype) -> KVWindow:
