@@ -52,10 +52,18 @@ class MoshiVis(nn.Module):
         return self.out_norm.weight.dtype
 
     def embed_tokens(self, tokens: mx.array) -> mx.array:
-        """Sum of the 17 stream embeddings; tokens (..., 1 + num_audio_codebooks)."""
-        x = self.text_emb(tokens[..., 0])
-        for i, emb in enumerate(self.audio_embs):
-            x = x + emb(tokens[..., i + 1])
+        """Sum of the 17 stream embeddings; tokens (..., 1 + num_audio_codebooks).
+
+        One step's tokens come 1-D, (17,), and give (1, dim): each lookup is then
+        sliced (`tokens[i : i + 1]`) rather than indexed, one operation less per
+        stream (`tokens[..., i]` adds a Squeeze to the Slice)."""
+        if tokens.ndim == 1:
+            columns = [tokens[i : i + 1] for i in range(tokens.shape[0])]
+        else:
+            columns = [tokens[..., i] for i in range(tokens.shape[-1])]
+        x = self.text_emb(columns[0])
+        for emb, column in zip(self.audio_embs, columns[1:]):
+            x = x + emb(column)
         return x
 
     def image_kv_from_features(self, features: mx.array) -> ImageKV:

@@ -127,7 +127,7 @@ class Stream:
     def _frame(self, tokens_in, keys, values, offset, key, recent, image, visible, full):
         """The model's work for one frame, as a pure function of arrays."""
         model = self.model
-        x = model.embed_tokens(tokens_in[None, :])  # (1, dim): one step travels 2-D
+        x = model.embed_tokens(tokens_in)  # (1, dim): one step travels 2-D
         x, keys, values = model.transformer(x, keys, values, offset, visible, image, full)
         temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
