@@ -7,17 +7,21 @@ CBLAS-compatible BLAS loaded into the process's global symbol scope *before*
 `LD_PRELOAD`, without restarting the process), giving 20-50x faster float32
 matmuls.
 
-OpenBLAS is preferred, then BLIS. Measured here (2 cores): OpenBLAS embeds an
-image faster (SigLIP 17 s vs 21 s), while BLIS is faster on one-row float32
-products with float32 weights (x @ W.T, which OpenBLAS 0.3.21 packs whole on
-every call): 4.7x on 4096 -> 22528, ~17% off the float32 dispatch-bound step.
-The released model's step runs bf16 or quantized weights, which MLX
-multiplies without BLAS, so the image encoder decides.
+Which one: every Linear of a step multiplies one row, and OpenBLAS 0.3.21
+packs the whole weight for each such product unless its small-matrix kernel
+takes it (x86-64 cores with AVX-512: SkylakeX, Cooperlake, Sapphire Rapids),
+which `layers.Linear` arranges by splitting the weight into row blocks. So
+OpenBLAS is used where the core it picks has that kernel (it also embeds an
+image faster: SigLIP 17 s vs 21 s), and BLIS, when installed, everywhere else:
+on an AMD Zen core without AVX-512 the full-size float32 depformer takes 625 ms
+through OpenBLAS and 252 ms through BLIS. The core is read from a private load
+of OpenBLAS that binds nothing for MLX.
 
 This module imports nothing from MLX, so `moshivis_mlx.blas` can run first.
 `python -m moshivis_mlx` and the benchmarks call `use_optimized_blas()`
-automatically; set `MOSHIVIS_MLX_BLAS=bundled` to opt out. Library users call
-it themselves before importing MLX, or set `LD_PRELOAD`.
+automatically; `MOSHIVIS_MLX_BLAS=openblas` or `=blis` forces a library,
+`=bundled` opts out. Library users call it themselves before importing MLX,
+or set `LD_PRELOAD`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-OPT_OUT_VARIABLE = "MOSHIVIS_MLX_BLAS"  # "bundled" keeps MLX's own BLAS
+OPT_OUT_VARIABLE = "MOSHIVIS_MLX_BLAS"  # "bundled" keeps MLX's own BLAS; "openblas" or "blis" forces one
+CHOICES = ("openblas", "blis", "bundled")
 INSTALL_HINT = (
     "install OpenBLAS for much faster float32 matmuls: "
     "`sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu), "
@@ -64,11 +69,47 @@ def candidate_paths() -> list[Path]:
     return paths
 
 
-def find_optimized_blas() -> Path | None:
-    for path in candidate_paths():
-        if path.is_absolute() and path.exists():
-            return path
-    return None
+def installed(kind: str) -> Path | None:
+    """The first installed library of `kind` ("openblas" or "blis")."""
+    return next((p for p in candidate_paths() if kind in p.name and p.is_absolute() and p.exists()), None)
+
+
+def requested_blas() -> str:
+    """MOSHIVIS_MLX_BLAS, lower-cased; "" (automatic) when unset or not one of CHOICES."""
+    wanted = os.environ.get(OPT_OUT_VARIABLE, "").strip().lower()
+    if wanted and wanted not in CHOICES:
+        print(f"moshivis_mlx: ignoring {OPT_OUT_VARIABLE}={wanted!r} (expected {', '.join(CHOICES)}); "
+              "choosing a BLAS automatically", file=sys.stderr)
+        return ""
+    return wanted
+
+
+def find_optimized_blas(wanted: str | None = None) -> Path | None:
+    """The library `use_optimized_blas` loads: the one asked for (`wanted`, by
+    default MOSHIVIS_MLX_BLAS), else OpenBLAS where its small-matrix kernel
+    exists, else BLIS, else OpenBLAS."""
+    wanted = requested_blas() if wanted is None else wanted
+    if wanted in ("openblas", "blis"):
+        return installed(wanted)
+    openblas, blis = installed("openblas"), installed("blis")
+    if openblas is None or blis is None:
+        return openblas or blis
+    return openblas if has_small_matrix_kernel(private_openblas_core(openblas)) else blis
+
+
+def private_openblas_core(path: Path) -> str | None:
+    """The core OpenBLAS at `path` picks on this CPU, from a load kept out of the
+    global symbol scope (so MLX will not bind to it)."""
+    try:
+        get_corename = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    get_corename.restype = ctypes.c_char_p
+    return (get_corename() or b"").decode() or None
+
+
+def has_small_matrix_kernel(core: str | None) -> bool:
+    return core is not None and core.lower() in _SMALL_KERNEL_CORES
 
 
 @dataclass
@@ -162,8 +203,7 @@ def one_row_block_rows(in_features: int, out_features: int) -> int | None:
     """How many weight rows a one-row float32 product should take at a time so
     that each block stays on OpenBLAS's small-matrix kernel; None: no blocks
     (another BLAS, or a product small enough already)."""
-    core = openblas_core()
-    if core is None or core.lower() not in _SMALL_KERNEL_CORES:
+    if not has_small_matrix_kernel(openblas_core()):
         return None
     if out_features <= SMALL_KERNEL_MAX_COLUMNS and in_features * out_features <= SMALL_KERNEL_MAX_MACS:
         return None
@@ -178,7 +218,8 @@ def use_optimized_blas() -> BlasStatus:
     when an optimized BLAS is already loaded, or when `mlx.core` was imported
     already (its symbols are bound then; the returned note says so).
     """
-    if sys.platform != "linux" or os.environ.get(OPT_OUT_VARIABLE, "").lower() == "bundled":
+    wanted = requested_blas()
+    if sys.platform != "linux" or wanted == "bundled":
         return status()
     if loaded_optimized_blas():
         return status()
@@ -186,9 +227,12 @@ def use_optimized_blas() -> BlasStatus:
         current = status()
         current.note += " (mlx was imported before use_optimized_blas(); call it first or set LD_PRELOAD)"
         return current
-    path = find_optimized_blas()
+    path = find_optimized_blas(wanted)
     if path is None:
-        return status()
+        current = status()
+        if wanted:
+            current.note = f"{OPT_OUT_VARIABLE}={wanted}, but no {wanted} library was found; {INSTALL_HINT}"
+        return current
     if "blis" in path.name and THREADS_VARIABLE not in os.environ and "OMP_NUM_THREADS" not in os.environ:
         os.environ[THREADS_VARIABLE] = str(os.cpu_count() or 1)  # large products (SigLIP) use every core
     try:
