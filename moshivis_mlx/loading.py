@@ -212,10 +212,15 @@ def float32_parts_dtype(requested: str, quantized: bool) -> str | None:
     """What `dtype="auto"` computes the depformer, the cross-attention and its
     gates of an unquantized model in, if not the model's dtype.
 
-    On a CPU, float32 (see `MoshiVis.float32_on_cpu_parts`): 1.7 GB more
-    memory, the full-size depformer ~3x faster. On a GPU, bf16 throughout.
+    On a CPU with an optimized BLAS, float32 (see `MoshiVis.float32_on_cpu_parts`):
+    1.7 GB more memory, the full-size depformer ~3x faster. On MLX's bundled
+    reference BLAS, float32 products are slower than its bf16 ones (full-size
+    step 17.5 s against 12.7 s here), and on a GPU bf16 is the fast path: bf16
+    throughout there.
     """
-    return "float32" if requested == AUTO_DTYPE and _on_cpu() and not quantized else None
+    from .blas import float32_matmuls_are_faster
+
+    return "float32" if requested == AUTO_DTYPE and not quantized and float32_matmuls_are_faster() else None
 
 
 def _on_cpu() -> bool:

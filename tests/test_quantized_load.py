@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -238,12 +239,14 @@ FLOAT32_ON_CPU = ("depformer.", "transformer.cross_attention.", ".cross_gate.")
 
 
 def test_auto_dtype_computes_the_depformer_and_cross_attention_in_float32_on_cpu_only():
-    """MLX's CPU bf16 matmul is ~4x slower than float32 through BLAS; the depformer, the
-    shared cross-attention and its gates are small enough to pay for it."""
+    """MLX's CPU bf16 matmul is ~4x slower than float32 through an optimized BLAS; the
+    depformer, the shared cross-attention and its gates are small enough to pay for it."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    from moshivis_mlx import blas
+
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu and blas.status().optimized  # see the next test
     auto = mv.load(FIXTURE_A)
     params = tree_flatten(auto.parameters())
     upcast = {v.dtype for k, v in params if any(part in k for part in FLOAT32_ON_CPU)}
@@ -257,3 +260,22 @@ def test_auto_dtype_computes_the_depformer_and_cross_attention_in_float32_on_cpu
     assert {v.dtype for _, v in tree_flatten(explicit.depformer.parameters())} == {mx.bfloat16}
     quantized = mv.load(FIXTURE_A, bits=8)  # already computes in float32 on a CPU
     assert quantized.depformer.steps[0].linear_out.scales.dtype == quantized.dtype
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX's Linux wheel only")
+def test_on_the_bundled_reference_blas_auto_keeps_every_part_bf16():
+    """Through MLX's reference BLAS, float32 products are slower than its bf16 ones."""
+    import os
+    import subprocess
+
+    code = (
+        "from moshivis_mlx.blas import use_optimized_blas; use_optimized_blas(); "
+        "import moshivis_mlx as mv, mlx.core as mx; from mlx.utils import tree_flatten; "
+        f"m = mv.load({str(FIXTURE_A)!r}); "
+        "print(sorted({str(v.dtype) for _, v in tree_flatten(m.depformer.parameters())}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["MOSHIVIS_MLX_BLAS"] = "bundled"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['mlx.core.bfloat16']"
