@@ -14,12 +14,17 @@ Everything is deleted afterwards unless --keep.
 
 Random bf16 values (random sign and mantissa, magnitudes in [2^-7, 2^-6))
 stand in for weights: quantization costs the same whatever the values.
+
+Each process loads the system OpenBLAS first, as `python -m moshivis_mlx convert`
+does (`moshivis_mlx.blas`); `--blas bundled` measures with MLX's own BLAS
+instead, `--blas both` one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import struct
@@ -29,6 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moshivis_mlx.blas import OPT_OUT_VARIABLE  # noqa: E402  (imports nothing from MLX)
 
 _POOL_BYTES = 256 * 2**20  # random bf16 values reused at random offsets
 _BF16_SIGN_AND_MANTISSA = 0x807F
@@ -72,14 +81,18 @@ _RSS_MARK = "__peak_rss_bytes__"
 _RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
-def _timed(code: str) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GiB, stdout) of Python `code` run in a fresh process."""
+def _timed(code: str, blas: str) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GiB, stdout) of Python `code` run in a fresh process,
+    with the optimized system BLAS loaded first unless `blas` is "bundled"."""
     wrapped = (
+        "from moshivis_mlx.blas import use_optimized_blas\n"
+        "print('blas:', use_optimized_blas())\n"  # MOSHIVIS_MLX_BLAS=bundled makes it a no-op
         f"{code}\nimport resource\n"
         f"print({_RSS_MARK!r}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * {_RSS_UNIT})"
     )
+    env = dict(os.environ, **({OPT_OUT_VARIABLE: "bundled"} if blas == "bundled" else {}))
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, env=env)
     wall = time.monotonic() - start
     if done.returncode:
         raise SystemExit(f"benchmark step failed:\n{code}\n{done.stdout}\n{done.stderr}")
@@ -97,8 +110,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 
@@ -113,7 +124,9 @@ def main() -> None:
     p.add_argument("--quantize-on-load", action="store_true",
                    help="also time moshivis_mlx.load(bf16 file, bits=N) (quantizing while loading)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.add_argument("--blas", choices=("optimized", "bundled", "both"), default="optimized")
     args = p.parse_args()
+    blas_choices = ("optimized", "bundled") if args.blas == "both" else (args.blas,)
 
     print(f"machine: {_machine()}")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -123,22 +136,23 @@ def main() -> None:
             t = time.monotonic()
             size = write_random_checkpoint(args.manifest, source)
             print(f"generated {source}: {size / 1e9:.2f} GB in {time.monotonic() - t:.0f} s")
-        for bits in args.bits:
-            out = args.workdir / f"q{bits}"
-            argv = [str(source), str(out), f"--bits={bits}", "--force", "--quiet"]
-            wall, rss, stdout = _timed(f"from convert.cli import main\nassert main({argv!r}) == 0")
-            print(f"convert bf16 -> q{bits}: {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
-            print("  " + stdout.strip().replace("\n", "\n  "))
-            if not args.skip_load:
-                code = f"import moshivis_mlx as m; m.load({str(out)!r}, dtype={args.load_dtype!r})"
-                wall, rss, _ = _timed(code)
-                print(f"load q{bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
-            if args.quantize_on_load:
-                code = f"import moshivis_mlx as m; m.load({str(source)!r}, dtype={args.load_dtype!r}, bits={bits})"
-                wall, rss, _ = _timed(code)
-                print(f"load bf16 file with bits={bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
-            if not args.keep:
-                shutil.rmtree(out)
+        for blas in blas_choices:
+            for bits in args.bits:
+                out = args.workdir / f"q{bits}"
+                argv = [str(source), str(out), f"--bits={bits}", "--force", "--quiet"]
+                wall, rss, stdout = _timed(f"from convert.cli import main\nassert main({argv!r}) == 0", blas)
+                print(f"convert bf16 -> q{bits}: {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
+                print("  " + stdout.strip().replace("\n", "\n  "))
+                if not args.skip_load:
+                    code = f"import moshivis_mlx as m; m.load({str(out)!r}, dtype={args.load_dtype!r})"
+                    wall, rss, _ = _timed(code, blas)
+                    print(f"load q{bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
+                if args.quantize_on_load:
+                    code = f"import moshivis_mlx as m; m.load({str(source)!r}, dtype={args.load_dtype!r}, bits={bits})"
+                    wall, rss, _ = _timed(code, blas)
+                    print(f"load bf16 file with bits={bits} ({args.load_dtype}): {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
+                if not args.keep:
+                    shutil.rmtree(out)
     finally:
         if not args.keep:
             source.unlink(missing_ok=True)

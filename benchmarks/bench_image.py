@@ -188,8 +188,9 @@ def main() -> None:
     for optimized in blas_runs:
         for name in args.variants:
             env = dict(os.environ)
-            if optimized:
-                env.pop(OPT_OUT_VARIABLE, None)
+            if optimized:  # MOSHIVIS_MLX_BLAS=openblas or =blis still chooses the library
+                if env.get(OPT_OUT_VARIABLE, "").lower() == "bundled":
+                    env.pop(OPT_OUT_VARIABLE)
             else:
                 env[OPT_OUT_VARIABLE] = "bundled"
                 env.pop("LD_PRELOAD", None)
