@@ -15,8 +15,8 @@ Everything is deleted afterwards unless --keep.
 Random bf16 values (random sign and mantissa, magnitudes in [2^-7, 2^-6))
 stand in for weights: quantization costs the same whatever the values.
 
-Each process loads the system OpenBLAS first, as `python -m moshivis_mlx convert`
-does (`moshivis_mlx.blas`); `--blas bundled` measures with MLX's own BLAS
+Each process loads the optimized system BLAS first, as `python -m moshivis_mlx
+convert` does (`moshivis_mlx.blas`); `--blas bundled` measures with MLX's own BLAS
 instead, `--blas both` one after the other.
 """
 

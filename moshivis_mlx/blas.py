@@ -98,8 +98,8 @@ def find_optimized_blas(wanted: str | None = None) -> Path | None:
 
 
 def private_openblas_core(path: Path) -> str | None:
-    """The core OpenBLAS at `path` picks on this CPU, from a load kept out of the
-    global symbol scope (so MLX will not bind to it)."""
+    """The core OpenBLAS at `path` picks on this CPU. Loaded with RTLD_LOCAL, so a
+    library not loaded globally already stays out of MLX's reach."""
     try:
         get_corename = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL).openblas_get_corename
     except (OSError, AttributeError):
@@ -191,12 +191,7 @@ def openblas_core() -> str | None:
     library = loaded_optimized_blas()
     if library is None or "openblas" not in library.lower():
         return None
-    try:
-        get_corename = ctypes.CDLL(library).openblas_get_corename
-    except (OSError, AttributeError):
-        return None
-    get_corename.restype = ctypes.c_char_p
-    return (get_corename() or b"").decode() or None
+    return private_openblas_core(Path(library))
 
 
 def one_row_block_rows(in_features: int, out_features: int) -> int | None:
