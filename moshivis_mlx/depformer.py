@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, Linear, add_linear, attend, make_norm, merge_heads
+from .layers import GatedFFN, Linear, add_linear, attend, embed_one, fused_attention, make_norm, merge_heads
 
 # (logits (1, audio_card), codebook index k) -> token (1,)
 Sampler = Callable[[mx.array, int], mx.array]
@@ -26,18 +26,29 @@ class DepformerAttention(nn.Module):
         self.in_proj = Linear(dim, 3 * dim, bias=False)
         self.out_proj = Linear(dim, dim, bias=False)
 
+    def input_gain(self) -> float:
+        """What the norm before `in_proj` multiplies by.
+
+        Where attention is written out (see `fused_attention`), sqrt(scale):
+        q and k then carry the attention scale between them, v carries
+        sqrt(scale) too, and the output product's `alpha` takes it back out,
+        so no operation of its own applies the scale. 1 with a fused kernel.
+        """
+        return 1.0 if fused_attention() else self.scale**0.5
+
     def __call__(self, x: mx.array, residual: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
-        """`residual` + attention of one step `x` (1, dim) over this frame's earlier
-        steps; appends this step's (k, v) to `past`."""
-        heads = self.num_heads
+        """`residual` + attention of one step `x` (1, dim), normed with
+        `input_gain()`, over this frame's earlier steps; appends this step's
+        (k, v) to `past`."""
+        heads, gain = self.num_heads, self.input_gain()
         q, k, v = mx.split(self.in_proj(x).reshape(1, 3 * heads, 1, self.head_dim), 3, axis=1)
         past.append((k, v))
         if len(past) == 1:  # one key: its softmax weight is exactly 1, so attention returns v
-            return add_linear(residual, self.out_proj, merge_heads(v, 2))
+            return add_linear(residual, self.out_proj, merge_heads(v, 2), alpha=1 / gain)
         keys = mx.concatenate([p[0] for p in past], axis=2)
         values = mx.concatenate([p[1] for p in past], axis=2)
-        y = attend(q, keys, values, self.scale)
-        return add_linear(residual, self.out_proj, merge_heads(y, 2))
+        y = attend(q, keys, values, self.scale if gain == 1.0 else 1.0)  # else q and k carry it
+        return add_linear(residual, self.out_proj, merge_heads(y, 2), alpha=1 / gain)
 
 
 class DepformerStepLayer(nn.Module):
@@ -92,14 +103,14 @@ class Depformer(nn.Module):
         by the step before it; attention only sees the current frame, so the
         per-layer history starts empty each call.
         """
-        inputs = self.input_proj(temporal_out).reshape(-1, self.cfg.depformer.dim)  # (K, d)
+        inputs = mx.split(self.input_proj(temporal_out), len(self.steps), axis=-1)  # K x (1, d)
         past: list[list[tuple[mx.array, mx.array]]] = [[] for _ in self.layers]
         token = text_token
         tokens, logits = [], []
         for k, step in enumerate(self.steps):
-            x = inputs[k : k + 1] + step.emb(token)  # (1, d)
+            x = inputs[k] + embed_one(step.emb, token)  # (1, d)
             for norms, weights, layer_past in zip(self.layers, step.layers, past):
-                x = weights.self_attn(norms.norm1(x), x, layer_past)
+                x = weights.self_attn(norms.norm1(x, weights.self_attn.input_gain()), x, layer_past)
                 x = weights.gating.residual(x, norms.norm2(x))
             step_logits = step.linear_out(x)  # (1, audio_card)
             token = sampler(step_logits, k)

@@ -21,8 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = mx.ones((dim,))
         self.eps = eps
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+    def __call__(self, x: mx.array, gain: float = 1.0) -> mx.array:
+        """`gain` scales the output inside the norm's fused kernel (see `fused_attention`)."""
+        weight = self.weight.astype(mx.float32)
+        y = mx.fast.rms_norm(x.astype(mx.float32), weight * gain if gain != 1.0 else weight, self.eps)
         return y.astype(x.dtype)
 
 
@@ -39,10 +41,12 @@ class VarianceNorm(nn.Module):
         self.eps = eps
         self.in_float32 = in_float32
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, gain: float = 1.0) -> mx.array:
+        """`gain` scales the output inside the norm's fused kernel (see `fused_attention`)."""
         h = x.astype(mx.float32) if self.in_float32 else x
         var = mx.var(h, axis=-1, keepdims=True, ddof=1)
-        y = h * (self.weight.astype(h.dtype) * mx.rsqrt(var + self.eps))
+        weight = self.weight.astype(h.dtype)
+        y = h * ((weight * gain if gain != 1.0 else weight) * mx.rsqrt(var + self.eps))
         return y.astype(x.dtype)
 
 
@@ -111,11 +115,11 @@ class Linear(nn.Linear):
             return mx.addmm(self["bias"], x, self.weight_t())
         return x @ self.weight_t()
 
-    def add_to(self, residual: mx.array, x: mx.array) -> mx.array:
-        """`residual + self(x)`, as one `addmm` where the product is one block."""
+    def add_to(self, residual: mx.array, x: mx.array, alpha: float = 1.0) -> mx.array:
+        """`residual + alpha * self(x)`, as one `addmm` where the product is one block."""
         if "bias" in self or self._one_row_blocks(x) is not None:
-            return residual + self(x)
-        return mx.addmm(residual, x, self.weight_t())
+            return residual + (alpha * self(x) if alpha != 1.0 else self(x))
+        return mx.addmm(residual, x, self.weight_t(), alpha=alpha)
 
 
 def keep_transposed_weights(model: nn.Module) -> None:
@@ -126,12 +130,33 @@ def keep_transposed_weights(model: nn.Module) -> None:
     mx.eval(views)  # evaluating them again detaches them from their Transpose nodes
 
 
-def add_linear(residual: mx.array, layer: nn.Module, x: mx.array) -> mx.array:
-    """`residual + layer(x)`: one `addmm` for an unquantized Linear without bias
-    instead of a product and an addition (a step has ~200 such residuals)."""
+def add_linear(residual: mx.array, layer: nn.Module, x: mx.array, alpha: float = 1.0) -> mx.array:
+    """`residual + alpha * layer(x)`: one `addmm` for an unquantized Linear without
+    bias instead of a product and an addition (a step has ~200 such residuals)."""
     if isinstance(layer, Linear):
-        return layer.add_to(residual, x)
-    return residual + layer(x)
+        return layer.add_to(residual, x, alpha)
+    return residual + (alpha * layer(x) if alpha != 1.0 else layer(x))
+
+
+def embed_one(table: nn.Module, token: mx.array) -> mx.array:
+    """Row `token` (an int array of shape (1,)) of an embedding table, as (1, dim).
+
+    A float table gives it with one dynamic slice, where indexing builds a
+    Gather and a Squeeze; a quantized table is called as it is.
+    """
+    if isinstance(table, nn.Embedding):
+        return mx.slice(table.weight, token, axes=(0,), slice_size=(1, table.weight.shape[1]))
+    return table(token)
+
+
+def fused_attention() -> bool:
+    """Whether `attend` runs MLX's fused kernel (on a GPU), which applies its scale for free.
+
+    Elsewhere attention is written out and a scale costs an operation of its
+    own, so callers fold it into a fused kernel they run anyway: the norm
+    before the projection (a `gain`), or the RoPE tables.
+    """
+    return mx.default_device() == mx.gpu
 
 
 def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
@@ -142,7 +167,7 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx
     out here, a query already scaled (the temporal queries carry the scale in
     their RoPE tables) costs one operation less per attention.
     """
-    if mx.default_device() == mx.gpu:
+    if fused_attention():
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     if scale != 1.0:
         q = q * scale
@@ -240,43 +265,48 @@ def write_window(window: mx.array, update: mx.array, slot: mx.array, visible: in
 
 
 @functools.cache
-def _pair_swap(head_dim: int, dtype: mx.Dtype) -> mx.array:
-    """The signed permutation taking (a, b) pairs to (-b, a): x @ P, exact in any dtype."""
-    swap = np.zeros((head_dim, head_dim), np.float32)
-    even = np.arange(0, head_dim, 2)
-    swap[even + 1, even] = -1.0
-    swap[even, even + 1] = 1.0
-    return mx.array(swap).astype(dtype)
+def _pair_partners(length: int) -> mx.array:
+    """Indices (1, length) taking each (x[2i], x[2i+1]) pair to (x[2i+1], x[2i])."""
+    return mx.array(np.arange(length).reshape(-1, 2)[:, ::-1].reshape(1, length))
 
 
 class InterleavedRoPE:
     """Rotary embedding of (x[2i], x[2i+1]) pairs (MLX's `traditional=True`), as Moshi uses it.
 
-    Every layer of a step rotates by the same angles, so the tables are computed
-    once per step and a layer only applies `x * cos + swap(x) * sin`, with swap
-    one small matmul: 2 operations per layer instead of ~10 for `mx.fast.rope`
-    on a backend without a fused kernel. Computed in float32 like `mx.fast.rope`.
+    A pair (a, b) becomes (a cos - b sin, b cos + a sin): `x * cos + partner(x) * sin`
+    where partner(x) swaps each pair (one gather, exact) and the sin table
+    carries the sign (-sin, +sin). Every layer of a step rotates by the same
+    angles, so the tables are computed once per step and a layer applies 2
+    operations instead of ~10 for `mx.fast.rope` on a backend without a fused
+    kernel. Computed in float32 like `mx.fast.rope`.
     """
 
     def __init__(self, head_dim: int, base: float):
         self.head_dim = head_dim
         exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
         self.inv_freq = mx.array((base ** -exponents).astype(np.float32))
+        self._sin_sign = mx.array(np.tile([-1.0, 1.0], head_dim // 2).astype(np.float32))
 
     def tables(self, positions: mx.array) -> tuple[mx.array, mx.array]:
-        """positions () or (T,) -> cos, sin of shape (head_dim,) or (T, head_dim), float32."""
+        """positions () or (T,) -> cos, signed sin of shape (head_dim,) or (T, head_dim), float32."""
         angles = positions.astype(mx.float32)[..., None] * self.inv_freq
-        return mx.repeat(mx.cos(angles), 2, axis=-1), mx.repeat(mx.sin(angles), 2, axis=-1)
+        return mx.repeat(mx.cos(angles), 2, axis=-1), mx.repeat(mx.sin(angles), 2, axis=-1) * self._sin_sign
 
     def qkv_tables(self, position: mx.array, num_heads: int, q_scale: float) -> tuple[mx.array, mx.array]:
-        """Tables (3 * num_heads, head_dim) that rotate one step's stacked q, k, v
-        head rows in one operation: the q rows also take the attention scale,
-        the v rows are kept as they are (cos 1, sin 0: exact)."""
+        """Flat tables (3 * num_heads * head_dim,) that rotate one step's fused
+        q, k, v projection as it comes out of the product: the q part also takes
+        the attention scale, the v part is kept as it is (cos 1, sin 0: exact)."""
         cos, sin = self.tables(position)
         gain = mx.array([q_scale] * num_heads + [1.0] * num_heads + [0.0] * num_heads)[:, None]
         keep = mx.array([0.0] * (2 * num_heads) + [1.0] * num_heads)[:, None]
-        return cos * gain + keep, sin * gain
+        return (cos * gain + keep).reshape(-1), (sin * gain).reshape(-1)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-        swapped = x @ _pair_swap(self.head_dim, x.dtype)
+        """Rotate x (..., n) with tables broadcasting to it; n is any multiple of
+        head_dim, as pairs never straddle two heads."""
+        n = x.shape[-1]
+        partners = _pair_partners(n)
+        if x.ndim != 2 or x.shape[0] != 1:
+            partners = mx.broadcast_to(partners.reshape((1,) * (x.ndim - 1) + (n,)), x.shape)
+        swapped = mx.take_along_axis(x, partners, axis=-1)
         return (x.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin).astype(x.dtype)

@@ -83,7 +83,8 @@ class TokenSampler:
         Gumbel-max, `argmax(l / T + G)`, exactly a draw from softmax(l / T) and
         4 operations where `mx.random.categorical` builds 11."""
         scaled = logits.astype(mx.float32) / self.temperature
-        best = mx.argpartition(-scaled, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        last = scaled.shape[-1] - self.top_k  # the k best end up after the partition point
+        best = mx.argpartition(scaled, kth=last, axis=-1)[..., last:]
         values = mx.take_along_axis(scaled, best, axis=-1)
         choice = mx.argmax(values + mx.random.gumbel(values.shape, key=key), axis=-1)
         return mx.take_along_axis(best, choice[..., None], axis=-1)[..., 0].astype(mx.int32)

@@ -132,7 +132,8 @@ class Stream:
         temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
 
-        step_keys = mx.random.split(key, 1 + self._num_gen)
+        # One key per sampler, split apart with one operation (indexing each costs two).
+        step_keys = mx.split(mx.random.split(key, 1 + self._num_gen).reshape(-1), 1 + self._num_gen)
         scored = text_logits
         if self._penalty is not None:
             scored = self._penalty.penalize(text_logits, recent)

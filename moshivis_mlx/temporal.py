@@ -17,6 +17,7 @@ from .layers import (
     RMSNorm,
     add_linear,
     attend,
+    fused_attention,
     merge_heads,
     split_heads,
     visible_slots,
@@ -31,7 +32,7 @@ class StepPosition:
 
     slot: mx.array  # (1,) window slot of this step
     valid: mx.array | None  # (visible,) bool: slots that hold a key; None once all do
-    cos: mx.array  # RoPE tables of this step for the stacked q, k, v rows (3 * heads, head_dim)
+    cos: mx.array  # RoPE tables of this step for the fused q, k, v row (3 * dim,)
     sin: mx.array
     visible: int  # window slots read (see `visible_slots`)
 
@@ -58,8 +59,7 @@ class SelfAttention(nn.Module):
         array (the tables leave v unchanged and scale q), then split once.
         """
         heads, head_dim = self.num_heads, self.head_dim
-        rows = self.in_proj(x).reshape(3 * heads, head_dim)
-        rotated = self._rope(rows, at.cos, at.sin).reshape(1, 3 * heads, 1, head_dim)
+        rotated = self._rope(self.in_proj(x), at.cos, at.sin).reshape(1, 3 * heads, 1, head_dim)
         q, k, v = mx.split(rotated, 3, axis=1)
         keys, k_seen = write_window(keys, k, at.slot, at.visible)
         values, v_seen = write_window(values, v, at.slot, at.visible)
@@ -116,9 +116,15 @@ class SharedCrossAttention(nn.Module):
         weight = self.out_proj.weight
         return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else default
 
+    def query_gain(self) -> float:
+        """What the norm before `q_proj` multiplies by, so that q arrives scaled:
+        the attention scale where attention is written out (see `fused_attention`)."""
+        return 1.0 if fused_attention() else self.scale
+
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
-        q = split_heads(self.q_proj(x), self.num_heads)  # (B, T, dim) or one step (B, dim)
-        y = attend(q, image.keys, image.values, self.scale)
+        """`x` normed with `query_gain()`: (B, T, dim), or one step (B, dim)."""
+        q = split_heads(self.q_proj(x), self.num_heads)
+        y = attend(q, image.keys, image.values, self.scale if self.query_gain() == 1.0 else 1.0)
         return self.out_proj(merge_heads(y, x.ndim)).astype(x.dtype)
 
 
@@ -147,7 +153,7 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
 
     def cross_attend(self, x: mx.array, xa: SharedCrossAttention, image: ImageKV) -> mx.array:
-        y = xa(self.norm_cross(x), image)
+        y = xa(self.norm_cross(x, xa.query_gain()), image)
         return x + (self.cross_gate(y) * y).astype(x.dtype)  # the gate may compute in float32
 
     def __call__(
