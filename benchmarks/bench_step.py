@@ -42,6 +42,7 @@ BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.cores import cpu_streams  # noqa: E402
 from moshivis_mlx.layers import keep_transposed_weights  # noqa: E402
 from moshivis_mlx.loading import float32_parts_dtype  # noqa: E402
 
@@ -214,6 +215,7 @@ def main() -> None:
         result = depformer_only(dtype, args.steps or 10)
         result["blas"] = BLAS.library or "bundled reference BLAS"
         result["malloc"] = malloc_status()
+        result["cpu_streams"] = len(cpu_streams())
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
     if args.mode == "dispatch":
@@ -260,6 +262,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.system()} mlx {mx.__version__} {mx.default_device()}",
         "blas": BLAS.library or "bundled reference BLAS",
         "malloc": malloc_status(),
+        "cpu_streams": len(cpu_streams()),
     }
     if args.components:
         result.update(component_times(model, image_kv, steps))

@@ -41,6 +41,7 @@ BLAS = use_optimized_blas()
 import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.cores import cpu_streams  # noqa: E402
 from bench_step import dispatch_config, random_weights  # noqa: E402
 
 
@@ -141,6 +142,7 @@ def main() -> None:
         "ours_median_ms": round(1000 * statistics.median(times["ours"]), 2),
         "blas": BLAS.library or "bundled reference BLAS",
         "malloc": malloc_status(),
+        "cpu_streams": len(cpu_streams()),
         "mlx": mx.__version__,
     }
     result["ratio"] = round(result["ours_median_ms"] / result["upstream_median_ms"], 3)

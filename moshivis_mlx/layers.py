@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .blas import one_row_block_rows
+from .cores import cpu_streams, split_rows
 from .config import NORM_MEAN_SQUARE, NORM_VARIANCE
 
 
@@ -59,12 +60,29 @@ def make_norm(kind: str, dim: int, eps: float, in_float32: bool = True) -> nn.Mo
 
 
 @dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of a weight, transposed (a view), multiplied on `stream`."""
+
+    start: int
+    stop: int
+    weight_t: mx.array
+    stream: mx.ThreadLocalStream | None  # None: the default stream
+
+
+@dataclass(frozen=True)
 class KeptViews:
     """What a `Linear` keeps of its weight: views, no copies."""
 
     weight: mx.array  # the weight they were made from (to notice a replaced one)
     transposed: mx.array  # weight.T
-    one_row_blocks: list[mx.array] | None  # weight.T in blocks of rows, where that is faster
+    one_row_blocks: list[RowBlock] | None  # one-row float32 products (OpenBLAS's small kernel)
+    core_blocks: list[RowBlock] | None  # every product MLX computes itself (bf16, float16)
+
+
+def row_blocks(weight: mx.array, bounds: list[tuple[int, int]]) -> list[RowBlock]:
+    """Blocks of `weight`'s rows, each on the next CPU stream in turn (see `cores`)."""
+    streams = cpu_streams()
+    return [RowBlock(a, b, weight[a:b].T, streams[i % len(streams)]) for i, (a, b) in enumerate(bounds)]
 
 
 class Linear(nn.Linear):
@@ -72,24 +90,31 @@ class Linear(nn.Linear):
 
     `x @ W.T` puts a Transpose into the graph at every call: ~400 per step.
     `keep_transposed_weights` stores the transposed weight as a view (no copy:
-    it shares the weight's memory), and where OpenBLAS multiplies one row by
-    a large float32 weight slowly, the same as views of row blocks (see
-    `blas.one_row_block_rows`). A weight replaced afterwards (`update`,
-    `set_dtype`) is noticed and transposed on the fly again: a kept view is
-    never stale.
+    it shares the weight's memory). On a CPU it also keeps views of blocks of
+    weight rows, each multiplied on its own CPU stream, so that a large
+    product runs on every core (`cores`): for bf16 and float16 weights, which
+    MLX multiplies itself on one thread, and where OpenBLAS multiplies one row
+    by a large float32 weight slowly (`blas.one_row_block_rows`). Each block
+    computes its output columns exactly as the whole product does. A weight
+    replaced afterwards (`update`, `set_dtype`) is noticed and transposed on
+    the fly again: a kept view is never stale.
     """
 
     def keep_transposed(self) -> list[mx.array]:
         """Make the views (still to be evaluated: see `keep_transposed_weights`)."""
         weight = self["weight"]
         out_features, in_features = weight.shape
-        rows = None
-        if weight.dtype == mx.float32 and mx.default_device() == mx.cpu:
+        one_row = core = None
+        if mx.default_device() == mx.cpu and weight.dtype == mx.float32:
             rows = one_row_block_rows(in_features, out_features)
-        blocks = [weight[i : i + rows].T for i in range(0, out_features, rows)] if rows else None
-        kept = KeptViews(weight, weight.T, blocks)
+            if rows:
+                one_row = row_blocks(weight, [(i, min(i + rows, out_features)) for i in range(0, out_features, rows)])
+        elif mx.default_device() == mx.cpu:
+            bounds = split_rows(out_features, in_features, len(cpu_streams()))
+            core = row_blocks(weight, bounds) if bounds else None
+        kept = KeptViews(weight, weight.T, one_row, core)
         object.__setattr__(self, "_kept", kept)  # a plain attribute: not a parameter
-        return [kept.transposed] + (blocks or [])
+        return [kept.transposed] + [block.weight_t for block in (one_row or core or [])]
 
     def _kept_views(self) -> "KeptViews | None":
         """The kept views, unless the weight was replaced since they were made."""
@@ -100,32 +125,94 @@ class Linear(nn.Linear):
         kept = self._kept_views()
         return kept.transposed if kept is not None else self["weight"].T
 
-    def _one_row_blocks(self, x: mx.array) -> list[mx.array] | None:
+    def _blocks(self, x: mx.array) -> list[RowBlock] | None:
         kept = self._kept_views()
-        if kept is None or x.ndim != 2 or x.shape[0] != 1:
+        if kept is None:
             return None
-        return kept.one_row_blocks
+        if kept.core_blocks is not None:
+            return kept.core_blocks
+        return kept.one_row_blocks if x.ndim == 2 and x.shape[0] == 1 else None
+
+    @staticmethod
+    def _by_blocks(x: mx.array, blocks: list[RowBlock], addend: mx.array | None = None, alpha: float = 1.0):
+        """`addend + alpha * x @ W.T`, each block of output columns on its own stream."""
+        if addend is None:
+            parts = [mx.matmul(x, b.weight_t, stream=b.stream) for b in blocks]
+        else:
+            parts = [mx.addmm(addend[..., b.start : b.stop], x, b.weight_t, alpha=alpha, stream=b.stream) for b in blocks]
+        return mx.concatenate(parts, axis=-1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        blocks = self._one_row_blocks(x)
+        bias = self["bias"] if "bias" in self else None
+        blocks = self._blocks(x)
         if blocks is not None:
-            y = mx.concatenate([x @ block for block in blocks], axis=-1)
-            return y + self["bias"] if "bias" in self else y
-        if "bias" in self:
-            return mx.addmm(self["bias"], x, self.weight_t())
+            return self._by_blocks(x, blocks, bias)
+        if bias is not None:
+            return mx.addmm(bias, x, self.weight_t())
         return x @ self.weight_t()
 
     def add_to(self, residual: mx.array, x: mx.array, alpha: float = 1.0) -> mx.array:
-        """`residual + alpha * self(x)`, as one `addmm` where the product is one block."""
-        if "bias" in self or self._one_row_blocks(x) is not None:
+        """`residual + alpha * self(x)`, with the addition inside the product(s)."""
+        if "bias" in self:
             return residual + (alpha * self(x) if alpha != 1.0 else self(x))
+        blocks = self._blocks(x)
+        if blocks is not None:
+            return self._by_blocks(x, blocks, residual, alpha)
         return mx.addmm(residual, x, self.weight_t(), alpha=alpha)
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", **kwargs):
+        if kwargs.get("quantize_input"):
+            return super().to_quantized(group_size, bits, mode, **kwargs)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode=mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` whose product can be spread over the CPU's cores.
+
+    MLX's CPU quantized kernel runs on one thread; `keep_transposed_weights`
+    makes a large layer keep views of blocks of its packed rows, scales and
+    biases, each multiplied on its own CPU stream (see `cores`).
+    """
+
+    def keep_transposed(self) -> list[mx.array]:
+        weight = self["weight"]
+        out_features, in_features = weight.shape[0], weight.shape[1] * 32 // self.bits
+        blocks = None
+        if mx.default_device() == mx.cpu:
+            bounds = split_rows(out_features, in_features, len(cpu_streams()))
+            if bounds:
+                streams = cpu_streams()
+                blocks = [(self._rows(a, b), streams[i % len(streams)]) for i, (a, b) in enumerate(bounds)]
+        object.__setattr__(self, "_kept", (weight, blocks))
+        return [a for rows, _ in (blocks or []) for a in rows if a is not None]
+
+    def _rows(self, start: int, stop: int) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Rows [start, stop) of the packed weight, its scales and biases (views)."""
+        biases = self.get("biases")
+        return self["weight"][start:stop], self["scales"][start:stop], None if biases is None else biases[start:stop]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kept = self.__dict__.get("_kept")
+        if kept is None or kept[0] is not self["weight"] or kept[1] is None:
+            return super().__call__(x)
+        y = mx.concatenate(
+            [
+                mx.quantized_matmul(
+                    x, w, scales=scales, biases=biases, transpose=True,
+                    group_size=self.group_size, bits=self.bits, mode=self.mode, stream=stream,
+                )  # fmt: skip
+                for (w, scales, biases), stream in kept[1]
+            ],
+            axis=-1,
+        )
+        return y + self["bias"] if "bias" in self else y
 
 
 def keep_transposed_weights(model: nn.Module) -> None:
     """Make every `Linear` of `model` keep its transposed views, evaluated once
     here, outside any step graph."""
-    views = [view for m in model.modules() if isinstance(m, Linear) for view in m.keep_transposed()]
+    kinds = (Linear, QuantizedLinear)
+    views = [view for m in model.modules() if isinstance(m, kinds) for view in m.keep_transposed()]
     mx.eval(views)
     mx.eval(views)  # evaluating them again detaches them from their Transpose nodes
 
