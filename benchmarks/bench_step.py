@@ -1,7 +1,7 @@
 """Per-step speed of the streaming generator.
 
     python benchmarks/bench_step.py dispatch        # full depth, tiny widths: overhead-bound
-    python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16]
+    python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16] [--bits 4|8]
     python benchmarks/bench_step.py depformer [--depformer-dtype bfloat16]
 
 `dispatch` keeps the released model's depth (32 temporal layers with the
@@ -186,6 +186,25 @@ def depformer_only(dtype: str, steps: int) -> dict:
     return {"mode": "depformer", "depformer_dtype": dtype, "median_ms": round(1000 * statistics.median(times), 2)}
 
 
+def quantize_as_loaded(model: mv.MoshiVis, bits: int) -> None:
+    """What `load(bits=...)` gives: the default mixed policy at `bits`, then every
+    float (scales, norms, kept-float layers) in the compute dtype `dtype="auto"`
+    picks for a quantized model (float32 on a CPU)."""
+    from mlx.utils import tree_unflatten
+
+    from moshivis_mlx.loading import resolve_dtype
+    from moshivis_mlx.quantize import QuantizationPolicy, quantizable_modules, quantization_config
+
+    config = quantization_config(model, QuantizationPolicy.mixed(bits))
+    for path, module in quantizable_modules(model).items():
+        if config.get(path):  # one module at a time: the float weights go as their quantized ones come
+            quantized = module.to_quantized(**config[path])
+            mx.eval(quantized.parameters())
+            model.update_modules(tree_unflatten([(path, quantized)]))
+    model.set_dtype(getattr(mx, resolve_dtype("auto", quantized=True)))
+    mx.eval(model.parameters())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -204,6 +223,7 @@ def main() -> None:
         help="full: the dtype of the depformer, cross-attention and gates (MoshiVis.float32_on_cpu_parts); "
         "auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
     )
+    ap.add_argument("--bits", type=int, choices=[4, 8], help="full: quantize as load(bits=...) does (mixed policy)")
     ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
     ap.add_argument("--components", action="store_true", help="also time each part of the step")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -226,8 +246,10 @@ def main() -> None:
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
     random_weights(model, getattr(mx, dtype))
+    if args.bits:
+        quantize_as_loaded(model, args.bits)
     parts = float32_parts_dtype("auto", quantized=False) if args.depformer_dtype == "auto" else args.depformer_dtype
-    if parts is not None and args.mode == "full":  # as load(dtype="auto") does
+    if parts is not None and args.mode == "full" and not args.bits:  # as load(dtype="auto") does
         for part in model.float32_on_cpu_parts():
             part.set_dtype(getattr(mx, parts))
             mx.eval(part.parameters())
@@ -247,6 +269,7 @@ def main() -> None:
     result = {
         "mode": args.mode,
         "dtype": dtype,
+        "bits": args.bits,
         "depformer_dtype": str(model.depformer.input_proj.weight.dtype),
         "cross_attention_dtype": str(model.transformer.cross_attention.out_proj.weight.dtype),
         "image": image is not None,
@@ -265,6 +288,7 @@ def main() -> None:
         "cpu_streams": len(cpu_streams()),
     }
     if args.components:
+        del stream  # its 1.6 GB window: the parts get a window of their own
         result.update(component_times(model, image_kv, steps))
         result["peak_rss_mb"] = round(peak_rss_mb())
     print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
