@@ -68,11 +68,13 @@ def cpu_streams() -> tuple[mx.ThreadLocalStream | None, ...]:
     return (None,) + _extra_streams(requested_streams() - 1)
 
 
-def split_rows(out_features: int, in_features: int, parts: int) -> list[tuple[int, int]] | None:
-    """(start, stop) weight rows for each of `parts` streams, multiples of 8 rows;
-    None when the product is too small to gain from being spread."""
-    if parts < 2 or out_features * in_features < MIN_SPLIT_WEIGHTS or out_features < 8 * parts:
+def split_rows(out_features: int, in_features: int, parts: int, multiple: int = 8) -> list[tuple[int, int]] | None:
+    """(start, stop) rows for each of at most `parts` streams, in multiples of
+    `multiple` rows (weight rows; or attention heads, with the keys and values
+    of one head as its "in_features"); None when the product is too small to
+    gain from being spread."""
+    if parts < 2 or out_features * in_features < MIN_SPLIT_WEIGHTS or out_features < multiple * parts:
         return None
-    step = ((out_features + parts - 1) // parts + 7) // 8 * 8
+    step = ((out_features + parts - 1) // parts + multiple - 1) // multiple * multiple
     bounds = [(start, min(start + step, out_features)) for start in range(0, out_features, step)]
     return bounds if len(bounds) > 1 else None

@@ -252,16 +252,31 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx
     On a GPU this is MLX's fused kernel. Elsewhere MLX composes that call out of
     plain operations anyway, multiplying by the scale even when it is 1; written
     out here, a query already scaled (the temporal queries carry the scale in
-    their RoPE tables) costs one operation less per attention.
+    their RoPE tables) costs one operation less per attention. On a CPU, the
+    heads of a large attention (the full-size window, the image) are split into
+    groups, one per CPU stream (see `cores`): each head is computed as before.
     """
     if fused_attention():
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    heads = q.shape[-3]
+    groups = split_rows(heads, keys.size // heads, len(cpu_streams()), multiple=1)
+    if groups is None:
+        return _written_out_attention(q, keys, values, scale, mask, None)
+    streams = cpu_streams()
+    parts = [
+        _written_out_attention(q[..., a:b, :, :], keys[..., a:b, :, :], values[..., a:b, :, :], scale, mask, stream)
+        for (a, b), stream in zip(groups, streams)
+    ]
+    return mx.concatenate(parts, axis=-3)
+
+
+def _written_out_attention(q, keys, values, scale: float, mask, stream) -> mx.array:
     if scale != 1.0:
-        q = q * scale
-    scores = q @ keys.swapaxes(-1, -2)
+        q = mx.multiply(q, scale, stream=stream)
+    scores = mx.matmul(q, keys.swapaxes(-1, -2), stream=stream)
     if mask is not None:
-        scores = mx.where(mask, scores, -mx.inf)
-    return mx.softmax(scores, axis=-1, precise=True) @ values
+        scores = mx.where(mask, scores, -mx.inf, stream=stream)
+    return mx.matmul(mx.softmax(scores, axis=-1, precise=True, stream=stream), values, stream=stream)
 
 
 class GatedFFN(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 
 import moshivis_mlx as mv
 from moshivis_mlx import cores
-from moshivis_mlx.layers import Linear, QuantizedLinear, keep_transposed_weights
+from moshivis_mlx.layers import Linear, QuantizedLinear, attend, keep_transposed_weights
 
 from conftest import random_model, tiny_config
 
@@ -81,6 +81,18 @@ def test_a_spread_quantized_product_is_bit_identical(three_streams, bits):
     keep_transposed_weights(model)
     assert len(layer.__dict__["_kept"][1]) == 3
     np.testing.assert_array_equal(np.array(mx.compile(layer)(x)), plain)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_large_attention_split_by_heads_is_bit_identical(monkeypatch, masked):
+    keys, values = (mx.random.normal((1, 6, 1100, 160), key=mx.random.key(i)) for i in (1, 2))
+    q = mx.random.normal((1, 6, 1, 160), key=mx.random.key(3))
+    mask = (mx.arange(1100) % 5 != 2) if masked else None
+    monkeypatch.setenv(cores.STREAMS_VARIABLE, "1")
+    whole = np.array(attend(q, keys, values, 0.3, mask))
+    monkeypatch.setenv(cores.STREAMS_VARIABLE, "3")
+    assert cores.split_rows(6, 1100 * 160, 3, multiple=1) == [(0, 2), (2, 4), (4, 6)]
+    np.testing.assert_array_equal(np.array(mx.compile(lambda q: attend(q, keys, values, 0.3, mask))(q)), whole)
 
 
 def test_a_replaced_weight_is_never_served_from_kept_blocks(three_streams):
