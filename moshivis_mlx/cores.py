@@ -47,8 +47,14 @@ def requested_streams() -> int:
                 return count
         except ValueError:
             pass
-        print(f"moshivis_mlx: ignoring {STREAMS_VARIABLE}={value!r} (expected a whole number >= 1)", file=sys.stderr)
+        _warn_ignored(value)
     return usable_cores()
+
+
+@functools.cache
+def _warn_ignored(value: str) -> None:
+    """Once per value: the variable is read at every product that may be spread."""
+    print(f"moshivis_mlx: ignoring {STREAMS_VARIABLE}={value!r} (expected a whole number >= 1)", file=sys.stderr)
 
 
 @functools.cache
