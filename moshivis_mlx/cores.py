@@ -22,8 +22,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from typing import TypeVar
 
 import mlx.core as mx
+
+T = TypeVar("T")
 
 STREAMS_VARIABLE = "MOSHIVIS_MLX_CPU_STREAMS"
 # Below this many weights a product takes well under a millisecond on one
@@ -31,7 +34,9 @@ STREAMS_VARIABLE = "MOSHIVIS_MLX_CPU_STREAMS"
 MIN_SPLIT_WEIGHTS = 1 << 20
 
 
+@functools.cache
 def usable_cores() -> int:
+    """Read once: `cpu_streams` asks at every product that may be spread."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -72,6 +77,12 @@ def cpu_streams() -> tuple[mx.ThreadLocalStream | None, ...]:
     if mx.default_device() != mx.cpu:
         return (None,)
     return (None,) + _extra_streams(requested_streams() - 1)
+
+
+def on_streams(items: list[T]) -> list[tuple[T, mx.ThreadLocalStream | None]]:
+    """Each item paired with the next of `cpu_streams()` in turn, the default stream first."""
+    streams = cpu_streams()
+    return [(item, streams[i % len(streams)]) for i, item in enumerate(items)]
 
 
 def split_rows(out_features: int, in_features: int, parts: int, multiple: int = 8) -> list[tuple[int, int]] | None:

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .blas import one_row_block_rows
-from .cores import cpu_streams, split_rows
+from .cores import cpu_streams, on_streams, split_rows
 from .config import NORM_MEAN_SQUARE, NORM_VARIANCE
 
 
@@ -81,8 +81,7 @@ class KeptViews:
 
 def row_blocks(weight: mx.array, bounds: list[tuple[int, int]]) -> list[RowBlock]:
     """Blocks of `weight`'s rows, each on the next CPU stream in turn (see `cores`)."""
-    streams = cpu_streams()
-    return [RowBlock(a, b, weight[a:b].T, streams[i % len(streams)]) for i, (a, b) in enumerate(bounds)]
+    return [RowBlock(a, b, weight[a:b].T, stream) for (a, b), stream in on_streams(bounds)]
 
 
 class Linear(nn.Linear):
@@ -109,7 +108,7 @@ class Linear(nn.Linear):
             rows = one_row_block_rows(in_features, out_features)
             if rows:
                 one_row = row_blocks(weight, [(i, min(i + rows, out_features)) for i in range(0, out_features, rows)])
-        elif mx.default_device() == mx.cpu:
+        else:  # a single stream (a GPU, or MOSHIVIS_MLX_CPU_STREAMS=1) gives no bounds
             bounds = split_rows(out_features, in_features, len(cpu_streams()))
             core = row_blocks(weight, bounds) if bounds else None
         kept = KeptViews(weight, weight.T, one_row, core)
@@ -177,12 +176,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     def keep_transposed(self) -> list[mx.array]:
         weight = self["weight"]
         out_features, in_features = weight.shape[0], weight.shape[1] * 32 // self.bits
-        blocks = None
-        if mx.default_device() == mx.cpu:
-            bounds = split_rows(out_features, in_features, len(cpu_streams()))
-            if bounds:
-                streams = cpu_streams()
-                blocks = [(self._rows(a, b), streams[i % len(streams)]) for i, (a, b) in enumerate(bounds)]
+        bounds = split_rows(out_features, in_features, len(cpu_streams()))
+        blocks = on_streams([self._rows(a, b) for a, b in bounds]) if bounds else None
         object.__setattr__(self, "_kept", (weight, blocks))
         return [a for rows, _ in (blocks or []) for a in rows if a is not None]
 
@@ -262,10 +257,9 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx
     groups = split_rows(heads, keys.size // heads, len(cpu_streams()), multiple=1)
     if groups is None:
         return _written_out_attention(q, keys, values, scale, mask, None)
-    streams = cpu_streams()
     parts = [
         _written_out_attention(q[..., a:b, :, :], keys[..., a:b, :, :], values[..., a:b, :, :], scale, mask, stream)
-        for (a, b), stream in zip(groups, streams)
+        for (a, b), stream in on_streams(groups)
     ]
     return mx.concatenate(parts, axis=-3)
 
