@@ -1,6 +1,6 @@
 """Per-step speed of the streaming generator.
 
-    python benchmarks/bench_step.py dispatch        # full depth, tiny widths: overhead-bound
+    python benchmarks/bench_step.py dispatch [--start-step 3000]  # full depth, tiny widths: overhead-bound
     python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16] [--bits 4|8]
     python benchmarks/bench_step.py depformer [--depformer-dtype bfloat16]
 
@@ -43,7 +43,7 @@ import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from moshivis_mlx.cores import cpu_streams  # noqa: E402
-from moshivis_mlx.layers import keep_transposed_weights  # noqa: E402
+from moshivis_mlx.layers import keep_transposed_weights, visible_slots  # noqa: E402
 from moshivis_mlx.loading import float32_parts_dtype  # noqa: E402
 
 
@@ -224,6 +224,12 @@ def main() -> None:
         "auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
     )
     ap.add_argument("--bits", type=int, choices=[4, 8], help="full: quantize as load(bits=...) does (mixed policy)")
+    ap.add_argument(
+        "--start-step",
+        type=int,
+        default=0,
+        help="run this many steps untimed first: 3000 measures a full window, as after 4 minutes of conversation",
+    )
     ap.add_argument("--eager", action="store_true", help="run the step uncompiled")
     ap.add_argument("--components", action="store_true", help="also time each part of the step")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -256,6 +262,9 @@ def main() -> None:
     image = None if args.no_image else mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
     stream = mv.Stream(model, image, sampler=mv.SamplerConfig(seed=0), compiled=not args.eager)
     user = np.zeros(cfg.num_user_codebooks, np.int32)
+    for _ in range(args.start_step):
+        np.array(stream.step(user).text_logits)
+    first_visible = visible_slots(stream.offset, cfg.context)
 
     ops = count_ops(stream, user)
     times, cpu_times = time_steps(stream, user, steps, warmup)
@@ -280,6 +289,8 @@ def main() -> None:
         "pipelined_median_ms": round(1000 * pipelined, 2) if pipelined is not None else None,
         "median_ms_without_image": round(1000 * no_image, 2) if no_image is not None else None,
         "steps": steps,
+        "start_step": args.start_step,
+        "window_slots_read": f"{first_visible}-{visible_slots(stream.offset, cfg.context)}",
         "ops_per_step": ops,
         "peak_rss_mb": round(peak_rss_mb()),
         "machine": f"{platform.machine()} {platform.system()} mlx {mx.__version__} {mx.default_device()}",

@@ -2,7 +2,7 @@
 
     pip install --no-deps moshi_mlx==0.3.0      # upstream Moshi MLX, for this benchmark only
     python benchmarks/bench_upstream.py full    # released widths, 8 of 32 layers, bf16, random weights
-    python benchmarks/bench_upstream.py dispatch
+    python benchmarks/bench_upstream.py dispatch [--start-step 3000]  # 3000: both at a full window
 
 CPU speed on a shared machine drifts by tens of percent from one hour to the
 next, so a figure measured some other day is no yardstick. This runs
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("mode", choices=["full", "dispatch"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None, help="temporal layers (full: 8)")
+    ap.add_argument("--start-step", type=int, default=0, help="untimed steps of both first (3000: a full window)")
     args = ap.parse_args()
     if args.mode == "full":
         cfg, dtype, steps = mv.moshika_vis(), mx.bfloat16, args.steps or 10
@@ -124,7 +125,7 @@ def main() -> None:
         out = stream.step(user)
         mx.eval(out.text_logits, out.audio_logits)
 
-    for _ in range(3):
+    for _ in range(3 + args.start_step):
         upstream_step()
         our_step()
     times: dict[str, list[float]] = {"upstream": [], "ours": []}
@@ -138,6 +139,7 @@ def main() -> None:
         "dtype": str(dtype),
         "temporal_layers": cfg.num_layers,
         "steps": steps,
+        "start_step": args.start_step,
         "upstream_median_ms": round(1000 * statistics.median(times["upstream"]), 2),
         "ours_median_ms": round(1000 * statistics.median(times["ours"]), 2),
         "blas": BLAS.library or "bundled reference BLAS",

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .blas import one_row_block_rows
+from .blas import key_blocks, one_row_block_rows
 from .cores import cpu_streams, on_streams, split_rows
 from .config import NORM_MEAN_SQUARE, NORM_VARIANCE
 
@@ -267,7 +267,7 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx
 def _written_out_attention(q, keys, values, scale: float, mask, stream) -> mx.array:
     if scale != 1.0:
         q = mx.multiply(q, scale, stream=stream)
-    scores = mx.matmul(q, keys.swapaxes(-1, -2), stream=stream)
+    scores = _scores(q, keys, stream)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf, stream=stream)
     return mx.matmul(mx.softmax(scores, axis=-1, precise=True, stream=stream), values, stream=stream)
@@ -314,6 +314,24 @@ def merge_heads(x: mx.array, ndim: int = 3) -> mx.array:
     if t == 1:
         return x.reshape(b, 1, h * d)
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def _scores(q: mx.array, keys: mx.array, stream) -> mx.array:
+    """`q keys^T`; a single float32 query over a long window in blocks of keys (`blas.key_blocks`)."""
+    one_query = q.shape[-2] == 1 and keys.dtype == mx.float32
+    blocks = key_blocks(keys.shape[-1], keys.shape[-2]) if one_query else 1
+    if blocks == 1:
+        return mx.matmul(q, keys.swapaxes(-1, -2), stream=stream)
+    return scores_in_blocks(q, keys, blocks, stream)
+
+
+def scores_in_blocks(q: mx.array, keys: mx.array, blocks: int, stream=None) -> mx.array:
+    """`q keys^T` for one query (..., 1, D), as one batched product over `blocks`
+    equal blocks of the keys (..., N, D): each block is a product of its own."""
+    *batch, length, dim = keys.shape
+    by_block = keys.reshape(*batch, blocks, length // blocks, dim)
+    scores = mx.matmul(mx.expand_dims(q, -3), by_block.swapaxes(-1, -2), stream=stream)
+    return scores.reshape(*batch, 1, length)
 
 
 class KVWindow:

@@ -12,10 +12,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def test_dispatch_benchmark_reports_operations_and_steps():
     command = [sys.executable, str(BENCHMARKS / "bench_step.py"), "dispatch", "--steps", "3", "--warmup", "1", "--json"]
+    command += ["--start-step", "2"]  # untimed steps first (3000 measures a full window)
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["steps"] == 3 and result["compiled"] and result["image"]
+    assert result["start_step"] == 2 and result["window_slots_read"] == "256-256"
     # The compiled step of the released depth: thousands of operations, fewer than uncompiled upstream's 9,501.
     assert 1000 < result["ops_per_step"] < 9501
     assert result["median_ms"] > 0

@@ -131,3 +131,12 @@ def test_reading_the_openblas_core_binds_nothing_for_mlx():
     )
     result = probe(code=code)
     assert result["core"] and result["provider"] is None, result
+
+
+def test_key_blocks_are_equal_and_small_enough_for_the_small_kernel(monkeypatch):
+    monkeypatch.setattr(blas, "openblas_core", lambda: "SkylakeX")
+    assert [blas.key_blocks(64, n) for n in (256, 1024, 1200, 2048, 3000)] == [1, 1, 1, 2, 3]
+    assert blas.key_blocks(64, 2053) == 1  # a prime: no equal blocks, no split
+    assert blas.key_blocks(1024, 3000) == 4  # 1000 keys x 1024 would pass 10^6 multiply-adds; 750 do not
+    monkeypatch.setattr(blas, "openblas_core", lambda: "Haswell")  # no small-matrix kernel to stay on
+    assert blas.key_blocks(64, 3000) == 1

@@ -124,3 +124,32 @@ def test_attend_matches_mlx_fused_attention(masked, dtype):
     fused = np.array(mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.25, mask=mask).astype(mx.float32))
     tolerance = 1e-6 if dtype == mx.float32 else 2e-2  # bf16: one rounding of ~0.4% either side
     np.testing.assert_allclose(ours, fused, rtol=0, atol=tolerance)
+
+
+def test_scores_in_blocks_equal_the_whole_product():
+    keys = mx.random.normal((1, 2, 3000, 16), key=mx.random.key(5))
+    q = mx.random.normal((1, 2, 1, 16), key=mx.random.key(6))
+    whole = np.array(q @ keys.swapaxes(-1, -2))
+    for blocks in (2, 3, 8):
+        # float32 sums of 16 products taken in another order: rounding only
+        np.testing.assert_allclose(np.array(layers.scores_in_blocks(q, keys, blocks)), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_over_a_long_window_in_key_blocks(monkeypatch, masked):
+    """Forced blocks: a float32 window of 3000 slots (the released context) read in 3 blocks,
+    as on OpenBLAS's small-matrix kernel, gives MLX's fused attention; a sliced window too."""
+    monkeypatch.setattr(layers, "key_blocks", lambda head_dim, num_keys: 3 if num_keys % 3 == 0 else 1)
+    blocked = []
+    real = layers.scores_in_blocks
+    monkeypatch.setattr(layers, "scores_in_blocks", lambda *a, **k: blocked.append(a[2]) or real(*a, **k))
+    window = mx.random.normal((1, 2, 3000, 16), key=mx.random.key(7))
+    values = mx.random.normal((1, 2, 3000, 16), key=mx.random.key(8))
+    q = mx.random.normal((1, 2, 1, 16), key=mx.random.key(9))
+    for keys, vals in ((window, values), (window[:, :, :2049], values[:, :, :2049])):
+        mask = (mx.arange(keys.shape[2]) % 5 != 2) if masked else None
+        out = attend(q, keys, vals, 0.25, mask)
+        assert blocked.pop() == 3
+        assert sum(op == "Matmul" for op in graph_ops(out)) == 2  # one batched product for all blocks
+        fused = mx.fast.scaled_dot_product_attention(q, keys, vals, scale=0.25, mask=mask)
+        np.testing.assert_allclose(np.array(out), np.array(fused), rtol=0, atol=1e-6)
