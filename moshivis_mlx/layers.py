@@ -273,6 +273,24 @@ def _written_out_attention(q, keys, values, scale: float, mask, stream) -> mx.ar
     return mx.matmul(mx.softmax(scores, axis=-1, precise=True, stream=stream), values, stream=stream)
 
 
+def _scores(q: mx.array, keys: mx.array, stream) -> mx.array:
+    """`q keys^T`; a single float32 query over a long window in blocks of keys (`blas.key_blocks`)."""
+    one_query = q.shape[-2] == 1 and keys.dtype == mx.float32
+    blocks = key_blocks(keys.shape[-1], keys.shape[-2]) if one_query else 1
+    if blocks == 1:
+        return mx.matmul(q, keys.swapaxes(-1, -2), stream=stream)
+    return scores_in_blocks(q, keys, blocks, stream)
+
+
+def scores_in_blocks(q: mx.array, keys: mx.array, blocks: int, stream=None) -> mx.array:
+    """`q keys^T` for one query (..., 1, D), as one batched product over `blocks`
+    equal blocks of the keys (..., N, D): each block is a product of its own."""
+    *batch, length, dim = keys.shape
+    by_block = keys.reshape(*batch, blocks, length // blocks, dim)
+    scores = mx.matmul(mx.expand_dims(q, -3), by_block.swapaxes(-1, -2), stream=stream)
+    return scores.reshape(*batch, 1, length)
+
+
 class GatedFFN(nn.Module):
     """`linear_out(silu(x W_gate) * (x W_up))` with W_gate, W_up stacked in `linear_in`."""
 
@@ -314,24 +332,6 @@ def merge_heads(x: mx.array, ndim: int = 3) -> mx.array:
     if t == 1:
         return x.reshape(b, 1, h * d)
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
-
-
-def _scores(q: mx.array, keys: mx.array, stream) -> mx.array:
-    """`q keys^T`; a single float32 query over a long window in blocks of keys (`blas.key_blocks`)."""
-    one_query = q.shape[-2] == 1 and keys.dtype == mx.float32
-    blocks = key_blocks(keys.shape[-1], keys.shape[-2]) if one_query else 1
-    if blocks == 1:
-        return mx.matmul(q, keys.swapaxes(-1, -2), stream=stream)
-    return scores_in_blocks(q, keys, blocks, stream)
-
-
-def scores_in_blocks(q: mx.array, keys: mx.array, blocks: int, stream=None) -> mx.array:
-    """`q keys^T` for one query (..., 1, D), as one batched product over `blocks`
-    equal blocks of the keys (..., N, D): each block is a product of its own."""
-    *batch, length, dim = keys.shape
-    by_block = keys.reshape(*batch, blocks, length // blocks, dim)
-    scores = mx.matmul(mx.expand_dims(q, -3), by_block.swapaxes(-1, -2), stream=stream)
-    return scores.reshape(*batch, 1, length)
 
 
 class KVWindow:
