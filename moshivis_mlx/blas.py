@@ -194,15 +194,20 @@ def openblas_core() -> str | None:
     return private_openblas_core(Path(library))
 
 
+def small_kernel_columns(inner: int) -> int:
+    """The most output columns a one-row product over `inner` values can have
+    and stay on OpenBLAS's small-matrix kernel (both of its limits)."""
+    return min(SMALL_KERNEL_MAX_COLUMNS, SMALL_KERNEL_MAX_MACS // inner)
+
+
 def one_row_block_rows(in_features: int, out_features: int) -> int | None:
     """How many weight rows a one-row float32 product should take at a time so
     that each block stays on OpenBLAS's small-matrix kernel; None: no blocks
     (another BLAS, or a product small enough already)."""
-    if not has_small_matrix_kernel(openblas_core()):
+    most = small_kernel_columns(in_features)
+    if out_features <= most or not has_small_matrix_kernel(openblas_core()):
         return None
-    if out_features <= SMALL_KERNEL_MAX_COLUMNS and in_features * out_features <= SMALL_KERNEL_MAX_MACS:
-        return None
-    rows = min(SMALL_KERNEL_MAX_COLUMNS, SMALL_KERNEL_MAX_MACS // in_features) // 8 * 8
+    rows = most // 8 * 8
     return rows if rows >= 8 else None
 
 
@@ -215,7 +220,7 @@ def key_blocks(head_dim: int, num_keys: int) -> int:
     3000 keys took 460 us per layer, and 220 us in three blocks of 1000.
     Equal blocks make the split a reshape, not a copy.
     """
-    most = min(SMALL_KERNEL_MAX_COLUMNS, SMALL_KERNEL_MAX_MACS // max(head_dim, 1))
+    most = small_kernel_columns(head_dim)
     if num_keys <= most or not has_small_matrix_kernel(openblas_core()):
         return 1
     fewest = -(-num_keys // most)
