@@ -9,22 +9,24 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import GatedFFN, Linear, add_linear, attend, embed_one, fused_attention, make_norm, merge_heads
+from .layers import (
+    FusedQKVAttention,
+    GatedFFN,
+    Linear,
+    add_linear,
+    attend,
+    embed_one,
+    fused_attention,
+    make_norm,
+    merge_heads,
+)
 
 # (logits (1, audio_card), codebook index k) -> token (1,)
 Sampler = Callable[[mx.array, int], mx.array]
 
 
-class DepformerAttention(nn.Module):
+class DepformerAttention(FusedQKVAttention):
     """Attention over the current frame's earlier depformer steps (no positions)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.in_proj = Linear(dim, 3 * dim, bias=False)
-        self.out_proj = Linear(dim, dim, bias=False)
 
     def input_gain(self) -> float:
         """What the norm before `in_proj` multiplies by.

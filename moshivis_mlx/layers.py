@@ -291,6 +291,19 @@ def scores_in_blocks(q: mx.array, keys: mx.array, blocks: int, stream=None) -> m
     return scores.reshape(*batch, 1, length)
 
 
+class FusedQKVAttention(nn.Module):
+    """The weights of a multi-head attention whose q, k and v come out of one
+    product (`in_proj`, as the checkpoints store them); subclasses attend."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.in_proj = Linear(dim, 3 * dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
+
+
 class GatedFFN(nn.Module):
     """`linear_out(silu(x W_gate) * (x W_up))` with W_gate, W_up stacked in `linear_in`."""
 

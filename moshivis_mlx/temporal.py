@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .layers import (
+    FusedQKVAttention,
     GatedFFN,
     InterleavedRoPE,
     KVWindow,
@@ -37,16 +38,11 @@ class StepPosition:
     visible: int  # window slots read (see `visible_slots`)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(FusedQKVAttention):
     """Causal attention with fused QKV and interleaved RoPE on absolute steps."""
 
     def __init__(self, dim: int, num_heads: int, rope: InterleavedRoPE):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.in_proj = Linear(dim, 3 * dim, bias=False)
-        self.out_proj = Linear(dim, dim, bias=False)
+        super().__init__(dim, num_heads)
         self._rope = rope  # shared by all layers
 
     def __call__(
