@@ -1,14 +1,18 @@
 """Whole-session behaviour: start-up time and memory over a long conversation.
 
-    python benchmarks/bench_session.py random-checkpoint DIR   # full size, bf16, random (15.4 GB)
+    python benchmarks/bench_session.py random-checkpoint DIR [--layers 2]  # full size, bf16, random (15.4 GB)
     python benchmarks/bench_session.py first-frame CHECKPOINT [--dtype bfloat16]
-    python benchmarks/bench_session.py memory [--steps 10000]
+    python benchmarks/bench_session.py memory [--steps 10000] [--checkpoint DIR]
 
 `first-frame` times a fresh process from start to the first delay-aligned
-frame of tokens (imports, load, first traces, two steps). `memory` runs the
-dispatch-bound configuration (the released depth, vocabularies and context,
-tiny widths) for many steps and samples the resident set size: it must stop
-growing once the 3000-step window is full.
+frame of tokens (imports, load, first traces, two steps). `memory` runs a
+model for many steps and samples the resident set size: it must stop growing
+once the 3000-step window is full. By default the model is the dispatch-bound
+configuration (the released depth, vocabularies and context, tiny widths);
+`--checkpoint` loads one as a user does (`dtype="auto"`). 10,000 steps of the
+released model take ~7.5 hours here, so `random-checkpoint --layers 2` writes
+the released widths, vocabularies, depformer and image encoder with 2 of the
+32 temporal layers: every buffer of a step at its real size, in an hour.
 """
 
 from __future__ import annotations
@@ -74,15 +78,17 @@ def first_frame(checkpoint: str, dtype: str) -> dict:
     }
 
 
-def random_checkpoint(directory: str, cfg: mv.ModelConfig | None = None) -> dict:
-    """A released-size bf16 checkpoint with random weights, written one tensor at a
-    time (memory holds one tensor), through the same writer as `convert`."""
+def random_checkpoint(directory: str, layers: int | None = None) -> dict:
+    """A released-size bf16 checkpoint with random weights (`layers` temporal
+    layers, else all 32), written one tensor at a time (memory holds one tensor),
+    through the same writer as `convert`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mlx.utils import tree_flatten
 
     from convert.converter import write_checkpoint
 
-    cfg = cfg or mv.moshika_vis()
+    cfg = mv.moshika_vis()
+    cfg.num_layers = layers or cfg.num_layers
     shapes = {name: p.shape for name, p in tree_flatten(mv.MoshiVis(cfg).parameters())}  # lazy: never computed
     weights = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):
@@ -94,28 +100,40 @@ def random_checkpoint(directory: str, cfg: mv.ModelConfig | None = None) -> dict
     return {"checkpoint": str(output), "bytes": size, "seconds": round(time.perf_counter() - START, 1)}
 
 
-def memory(steps: int) -> dict:
+def dispatch_model() -> mv.MoshiVis:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_step import dispatch_config, random_weights
 
-    cfg = dispatch_config()
     mx.random.seed(0)
-    model = mv.MoshiVis(cfg)
+    model = mv.MoshiVis(dispatch_config())
     random_weights(model, mx.float32)
-    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
+    return model
+
+
+def memory(steps: int, checkpoint: str | None) -> dict:
+    model = mv.load(checkpoint) if checkpoint else dispatch_model()
+    cfg = model.cfg
+    features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width)).astype(model.dtype)
     stream = model.stream(features, sampler=mv.SamplerConfig(seed=0))
     user = np.zeros(cfg.num_user_codebooks, np.int32)
     samples = {}
-    checkpoints = {t for t in (1000, cfg.context, steps // 2, steps) if t <= steps}
+    checkpoints = {t for t in (*range(1000, steps, 1000), cfg.context, steps // 2, steps) if t <= steps}
     for t in range(1, steps + 1):
         out = stream.step(user)
         if out.tokens is not None:
             np.array(out.tokens)
         if t in checkpoints:
             samples[t] = round(rss_mb(), 1)
-            print(f"step {t}: {samples[t]} MB", file=sys.stderr, flush=True)
+            print(f"step {t}: {samples[t]} MB, {time.perf_counter() - START:.0f} s", file=sys.stderr, flush=True)
     reference = samples.get(cfg.context, samples[min(samples)])
-    return {"rss_mb_at_step": samples, "growth_after_context_mb": round(samples[steps] - reference, 1)}
+    return {
+        "model": checkpoint or "dispatch-bound",
+        "temporal_layers": cfg.num_layers,
+        "dim": cfg.dim,
+        "rss_mb_at_step": samples,
+        "growth_after_context_mb": round(samples[steps] - reference, 1),
+        "seconds": round(time.perf_counter() - START),
+    }
 
 
 def main() -> None:
@@ -123,18 +141,20 @@ def main() -> None:
     sub = ap.add_subparsers(dest="mode", required=True)
     rc = sub.add_parser("random-checkpoint")
     rc.add_argument("directory")
+    rc.add_argument("--layers", type=int, help="temporal layers (default: the released 32)")
     ff = sub.add_parser("first-frame")
     ff.add_argument("checkpoint")
     ff.add_argument("--dtype", default="bfloat16")
     mem = sub.add_parser("memory")
     mem.add_argument("--steps", type=int, default=10_000)
+    mem.add_argument("--checkpoint", help="load this checkpoint (dtype auto) instead of the dispatch-bound model")
     args = ap.parse_args()
     if args.mode == "random-checkpoint":
-        result = random_checkpoint(args.directory)
+        result = random_checkpoint(args.directory, args.layers)
     elif args.mode == "first-frame":
         result = first_frame(args.checkpoint, args.dtype)
     else:
-        result = memory(args.steps)
+        result = memory(args.steps, args.checkpoint)
     result["blas"] = BLAS.library or "bundled reference BLAS"
     print(json.dumps(result))
 

@@ -21,3 +21,15 @@ def test_dispatch_benchmark_reports_operations_and_steps():
     # The compiled step of the released depth: thousands of operations, fewer than uncompiled upstream's 9,501.
     assert 1000 < result["ops_per_step"] < 9501
     assert result["median_ms"] > 0
+
+
+def test_session_memory_benchmark_loads_a_checkpoint_as_a_user_does():
+    checkpoint = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"  # 2 temporal layers, context 24
+    command = [sys.executable, str(BENCHMARKS / "bench_session.py"), "memory", "--checkpoint", str(checkpoint)]
+    out = subprocess.run(command + ["--steps", "30"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["model"] == str(checkpoint) and result["temporal_layers"] == 2 and result["dim"] == 128
+    # RSS sampled once the window is full (step 24), half way and at the end; growth is measured from the first.
+    assert set(result["rss_mb_at_step"]) == {"15", "24", "30"}
+    assert result["growth_after_context_mb"] == round(result["rss_mb_at_step"]["30"] - result["rss_mb_at_step"]["24"], 1)
