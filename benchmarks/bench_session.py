@@ -12,7 +12,7 @@ configuration (the released depth, vocabularies and context, tiny widths);
 `--checkpoint` loads one as a user does (`dtype="auto"`). 10,000 steps of the
 released model take ~7.5 hours here, so `random-checkpoint --layers 2` writes
 the released widths, vocabularies, depformer and image encoder with 2 of the
-32 temporal layers: every buffer of a step at its real size, in an hour.
+32 temporal layers: every buffer of a step at its real size, at ~1 s a step here.
 """
 
 from __future__ import annotations
