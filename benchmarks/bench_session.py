@@ -1,6 +1,6 @@
 """Whole-session behaviour: start-up time and memory over a long conversation.
 
-    python benchmarks/bench_session.py random-checkpoint DIR [--layers 2]  # full size, bf16, random (15.4 GB)
+    python benchmarks/bench_session.py random-checkpoint DIR [--layers 2]  # full size, bf16, random (15.4 GB; 4.0 GB with 2 layers)
     python benchmarks/bench_session.py first-frame CHECKPOINT [--dtype bfloat16]
     python benchmarks/bench_session.py memory [--steps 10000] [--checkpoint DIR]
 
