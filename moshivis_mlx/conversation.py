@@ -171,6 +171,11 @@ class Conversation:
         return self._pipeline.receive(timeout)
 
     @property
+    def frames_pushed(self) -> int:
+        """Frames pushed since the conversation began (resets do not rewind it)."""
+        return self._pipeline.pushed
+
+    @property
     def in_flight(self) -> int:
         """Frames pushed whose answers are not out yet."""
         return self._pipeline.in_flight

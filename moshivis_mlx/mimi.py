@@ -319,7 +319,6 @@ class RenewingCoder:
         old, self._current, self._successor = self._current, self._successor, None
         old.close()
         self._begin(self.max_frames - self.overlap_frames)
-        self._frames = self._fed = self.overlap_frames
         self._frames, self._fed = self.overlap_frames, 0
         self.renewals += 1
         self._spare = self._start()  # builds while the new instance works
@@ -333,6 +332,12 @@ class RenewingCoder:
         self._current, self._successor = fresh, None
         self._begin(self._first_renewal)
         self._spare = self._start()
+
+    def wait_ready(self) -> None:
+        """Wait until the current instance and the spare are built (a bad file fails here)."""
+        for instance in (self._current, self._spare):
+            if instance is not None and hasattr(instance, "wait_ready"):
+                instance.wait_ready()
 
     def close(self) -> None:
         for instance in (self._current, self._successor, self._spare):
@@ -379,6 +384,11 @@ class RenewingCodec:
         self.encoder.reset()
         self.decoder.reset()
 
+    def wait_ready(self) -> None:
+        """Wait until every instance is built, spares included, so a reset right after is immediate."""
+        self.encoder.wait_ready()
+        self.decoder.wait_ready()
+
     def close(self) -> None:
         """End the codec's processes (else they end when this process does)."""
         self.encoder.close()
@@ -413,7 +423,7 @@ def load_mimi(
     codec = RenewingCodec(lambda: MimiProcess(path, num_codebooks, max_seq_len), overlap_frames,
                           num_codebooks=num_codebooks)
     try:
-        codec.encoder._current.wait_ready()  # a bad file is reported here, not at the first frame
+        codec.wait_ready()  # a bad file is reported here, not at the first frame
     except BaseException:
         codec.close()
         raise

@@ -228,6 +228,11 @@ class FramePipeline:
         return item
 
     @property
+    def pushed(self) -> int:
+        """Frames pushed since the conversation began: the index the next frame will get."""
+        return self._next_index
+
+    @property
     def in_flight(self) -> int:
         """Frames pushed and not answered yet."""
         return self._next_index - self._delivered

@@ -63,7 +63,7 @@ def run_codec(codec, inputs: list[np.ndarray], model_codes: np.ndarray) -> tuple
 def test_real_mimi_reset_and_renewals_match_a_codec_never_reset(mimi_path):
     """Short-lived instances (60 frames, 6 of overlap): a reset, then renewals each way, in child processes.
     Lives are still long enough (~5 s of codec work) for each spare to build before it is needed."""
-    life_frames, overlap, before, after = 60, 6, 40, 150
+    life_frames, overlap, before, after = 60, 6, 20, 150
     inputs = frames(before + after)
     model_codes = np.random.default_rng(0).integers(0, MIMI_CODEBOOK_SIZE, (before + after, MIMI_NUM_CODEBOOKS))
     used = load_mimi(mimi_path, max_seq_len=2 * life_frames, overlap_frames=overlap)
@@ -151,15 +151,27 @@ def test_the_directions_renew_at_different_times():
 
 def test_reset_switches_to_the_spare_at_once():
     codec = recording_codec()
-    for _ in range(8):
+    for _ in range(3):
         codec.decode(codec.encode(np.zeros(MIMI_FRAME_SIZE, np.float32)))
-    before = list(Recorder.instances)
+    spares = [codec.encoder._spare.codec, codec.decoder._spare.codec]
+    assert all(r.encoded + r.decoded == 0 for r in spares)
     codec.reset()
-    for _ in range(5):
+    assert [codec.encoder._current.codec, codec.decoder._current.codec] == spares  # no wait for a build
+    for _ in range(4):
         codec.decode(codec.encode(np.zeros(MIMI_FRAME_SIZE, np.float32)))
-    assert all(r.encoded + r.decoded == 0 for r in Recorder.instances[len(before):])  # the new spares wait
-    fresh_encoder = codec.encoder._current.codec
-    assert fresh_encoder in before and fresh_encoder.encoded == 5 and fresh_encoder.decoded == 0
+    assert spares[0].encoded == 4 and spares[1].decoded == 4
+    assert codec.encoder._spare.codec not in spares and codec.encoder.waits == codec.decoder.waits == 0
+
+
+def test_a_reset_during_a_renewal_builds_what_it_needs():
+    codec = recording_codec()
+    for _ in range(7):  # both directions are feeding successors: their spares are in use
+        codec.decode(codec.encode(np.zeros(MIMI_FRAME_SIZE, np.float32)))
+    assert codec.encoder._successor is not None and codec.encoder._spare is None
+    codec.reset()
+    assert codec.encoder._successor is None
+    for _ in range(10):
+        codec.decode(codec.encode(np.zeros(MIMI_FRAME_SIZE, np.float32)))
 
 
 def test_overlap_must_fit_in_a_lifetime():
