@@ -13,6 +13,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "Conversation": "conversation",
     "DepformerConfig": "config",
+    "EchoCanceller": "echo",
     "ImageError": "image",
     "ImageKV": "temporal",
     "IncompatibleModelError": "conversation",
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError
     from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
     from .conversation import Conversation, IncompatibleModelError
+    from .echo import EchoCanceller
     from .image import ImageError
     from .loading import load
     from .model import MoshiVis
