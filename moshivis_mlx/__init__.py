@@ -14,6 +14,7 @@ _EXPORTS = {
     "Conversation": "conversation",
     "ConversationClosed": "pipeline",
     "DepformerConfig": "config",
+    "EchoCanceller": "echo",
     "ImageError": "image",
     "FrameOutput": "pipeline",
     "ImageKV": "temporal",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError
     from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
     from .conversation import Conversation, IncompatibleModelError
+    from .echo import EchoCanceller
     from .image import ImageError
     from .loading import load
     from .mimi import MimiError, load_mimi
