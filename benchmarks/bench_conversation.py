@@ -84,6 +84,18 @@ def make_codec(kind: str, max_seq_len: int):
     return load_mimi(random_mimi(), max_seq_len=max_seq_len)
 
 
+def children_rss_bytes() -> int:
+    """Resident memory of this process's children (Mimi's codec processes), Linux."""
+    total = 0
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+            except (OSError, IndexError):
+                pass  # ended meanwhile
+    return total
+
+
 def summary(values_s: list[float]) -> dict:
     ms = 1000 * np.asarray(values_s)
     return {"median_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
@@ -105,7 +117,7 @@ def run_pipelined(conv, frames: list[np.ndarray], in_flight: int = 3, rss_every:
         while conv.in_flight >= in_flight:
             outputs.append(conv.receive())
             if rss_every and len(outputs) % rss_every == 0:
-                rss[len(outputs)] = round(rss_bytes() / 2**20, 1)
+                rss[len(outputs)] = [round(rss_bytes() / 2**20, 1), round(children_rss_bytes() / 2**20, 1)]
         conv.push(frame)
     while len(outputs) < len(frames):
         outputs.append(conv.receive())
@@ -114,7 +126,7 @@ def run_pipelined(conv, frames: list[np.ndarray], in_flight: int = 3, rss_every:
               for name in outputs[-1].stage_seconds}
     result = {"period": summary(np.diff(done)[WARMUP_FRAMES:].tolist()), "stages": stages}
     if rss:
-        result["rss_mib_at_frame"] = rss
+        result["rss_mib_at_frame"] = rss  # [this process, Mimi's processes]
     return result
 
 
