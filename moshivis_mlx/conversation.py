@@ -145,6 +145,9 @@ class Conversation:
         self._listeners: list[TextListener] = [on_text] if on_text is not None else []
         self._pieces: list[str] = []
         self.steps = 0
+        # [web, issue 19] The gate of the last text piece (see `StepOutput.gate`): 0 = the picture
+        # played no part. Set by `_step` with the text, so read it right after `step` returns text.
+        self.last_gate = 0.0
         mx.eval(model.parameters())  # nothing lazy may reach the conversation's thread
         self._thread = _OwnThread("moshivis-conversation")
         image = _evaluated(image)
@@ -211,6 +214,8 @@ class Conversation:
         else:
             tokens = np.array(out.tokens)  # the step's one synchronisation
             text = self._text.piece(tokens[0])
+            if text:  # [web, issue 19] evaluated with the tokens: no second wait
+                self.last_gate = out.gate.item()
             pcm_out = self.mimi.decode(tokens[1:])
         self.steps += 1
         if text:
