@@ -26,6 +26,7 @@ and answers through your speaker, with a live transcript.
 
   python -m moshivis_mlx --image photo.jpg
   python -m moshivis_mlx --image photo.jpg --input question.wav --output answer.wav
+  python -m moshivis_mlx web     (in the browser: see python -m moshivis_mlx web --help)
 
 Use headphones: there is no echo cancellation, so from loudspeakers the model
 hears itself. While talking, type or drag an image path into the terminal and

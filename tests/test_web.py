@@ -7,6 +7,7 @@ codec (talk_support.FakeCodec); tests/test_web_browser.py drives the real page.
 from __future__ import annotations
 
 import asyncio
+import signal
 import io
 import threading
 import time
@@ -255,3 +256,36 @@ def test_server_serves_the_page_and_one_conversation_at_a_time(conversation):
             await third.close()
 
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_SECONDS))
+
+
+# -- the command: Ctrl-C mid-conversation ---------------------------------------------------
+
+
+def test_ctrl_c_ends_the_conversation_and_the_server_cleanly(talking_checkpoint, mimi_path, tokenizer_path):
+    from aiohttp import ClientSession, WSMsgType
+
+    from web_support import Server
+
+    server = Server(["--model", str(talking_checkpoint), "--mimi", str(mimi_path), "--tokenizer", str(tokenizer_path)])
+    try:
+        async def talk_then_interrupt() -> int:
+            async with ClientSession() as http:
+                ws = await http.ws_connect(server.url + "ws", origin=server.url.rstrip("/"))
+                kinds = []
+                for frame in frames(4):
+                    await ws.send_bytes(protocol.audio(frame))
+                while kinds.count(protocol.Kind.AUDIO) < 4:
+                    kinds.append(protocol.decode((await ws.receive()).data).kind)
+                server.process.send_signal(signal.SIGINT)  # mid-conversation
+                while (message := await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                    pass
+                return ws.close_code
+
+        close_code = asyncio.run(asyncio.wait_for(talk_then_interrupt(), HANG_GUARD_SECONDS))
+        assert server.process.wait(HANG_GUARD_SECONDS) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    assert close_code == 1001  # "going away": the server is shutting down
+    server.wait_for_line("the conversation ended after .*: 4 steps")
+    server.wait_for_line("^stopped$")
