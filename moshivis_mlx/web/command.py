@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import _KNOWN_ERRORS, UsageError, _release_mlx
+    from ..cli import _KNOWN_ERRORS, _release_mlx
 
     args = build_parser().parse_args(argv)
     try:

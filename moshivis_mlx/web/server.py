@@ -166,7 +166,7 @@ async def serve(server: WebServer, on_listening: Callable[[str], None]) -> None:
     try:
         site = web.TCPSite(runner, server.config.host, server.config.port)
         await site.start()
-        host, port = runner.addresses[0][:2]
+        port = runner.addresses[0][1]
         on_listening(page_url(server.config.host, port))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
