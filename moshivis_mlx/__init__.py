@@ -12,18 +12,24 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CheckpointError": "checkpoint",
     "Conversation": "conversation",
+    "ConversationClosed": "pipeline",
     "DepformerConfig": "config",
+    "EchoCanceller": "echo",
     "ImageError": "image",
+    "FrameOutput": "pipeline",
     "ImageKV": "temporal",
     "IncompatibleModelError": "conversation",
     "ModelConfig": "config",
     "MoshiVis": "model",
+    "MimiError": "mimi",
     "SamplerConfig": "sampling",
+    "StageError": "pipeline",
     "StepOutput": "stream",
     "Stream": "stream",
     "TokenSampler": "sampling",
     "VisionConfig": "config",
     "load": "loading",
+    "load_mimi": "mimi",
     "moshika_vis": "config",
 }
 
@@ -47,9 +53,12 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError
     from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
     from .conversation import Conversation, IncompatibleModelError
+    from .echo import EchoCanceller
     from .image import ImageError
     from .loading import load
+    from .mimi import MimiError, load_mimi
     from .model import MoshiVis
+    from .pipeline import ConversationClosed, FrameOutput, StageError
     from .sampling import SamplerConfig, TokenSampler
     from .stream import StepOutput, Stream
     from .temporal import ImageKV

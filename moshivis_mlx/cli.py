@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     # Debugging aids for tests: a slower machine, and the live statistics as JSON.
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-image-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)
     return p
 
@@ -174,6 +175,8 @@ def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
     tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi)  # the quick ones first
     model = load_model(files.model, dtype=args.dtype)
+    if args.debug_image_delay:
+        model.embed_image = _slowed(model.embed_image, args.debug_image_delay)
     conversation = Conversation(model, mimi, tokenizer, sampler=make_sampler(args))
     for label, image in reversed(images):
         try:
@@ -182,6 +185,19 @@ def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
             conversation.close()
             raise UsageError(f"--image {label}: cannot use it ({e})") from None
     return conversation
+
+
+def _slowed(embed_image, seconds: float):
+    """Debugging aid: pretend pictures take `seconds` to embed (as SigLIP does on a CPU)."""
+
+    def slow_embed_image(image, **kwargs):
+        from .temporal import ImageKV
+
+        if not isinstance(image, ImageKV):  # already embedded: returned as is
+            time.sleep(seconds)
+        return embed_image(image, **kwargs)
+
+    return slow_embed_image
 
 
 # -- modes -------------------------------------------------------------------------
@@ -215,9 +231,11 @@ def format_status(stats, frame_seconds: float) -> str:
 
 
 def format_summary(stats) -> str:
+    stage, stage_seconds = stats.slowest_stage()
     return (
-        f"conversation ended after {stats.seconds:.1f} s: {stats.steps} steps, mean step "
-        f"{1000 * stats.mean_step_seconds:.1f} ms (max {1000 * stats.step_seconds_max:.1f} ms); "
+        f"conversation ended after {stats.seconds:.1f} s: {stats.steps} steps, latency mean "
+        f"{1000 * stats.mean_latency_seconds:.1f} ms (max {1000 * stats.latency_seconds_max:.1f} ms), "
+        f"slowest stage {stage or '-'} {1000 * stage_seconds:.1f} ms per frame; "
         f"dropped {stats.dropped_frames} input frames to bound the lag (max lag {stats.max_lag_seconds:.2f} s); "
         f"{stats.underruns} speaker underruns ({stats.underrun_seconds:.1f} s of silence)"
     )

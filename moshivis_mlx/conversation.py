@@ -5,33 +5,32 @@ The command line is a thin layer over this class; apps embed it the same way:
     conv = Conversation.from_pretrained(image=features)
     pcm_out, text = conv.step(pcm_in)   # 1920 float32 samples at 24 kHz in and out
 
-Each step encodes the user's frame with Mimi, runs one model step, and
-decodes the model's 8 audio codes back to speech. It synchronises with the
-device once (to read the sampled tokens). A conversation has no length limit.
+or, to keep up in real time, push frames as they come and take the answers
+as they are ready (the Mimi encoder, the model and the Mimi decoder then
+work side by side, see `pipeline`):
 
-MLX streams belong to the thread that made them, so every MLX and Mimi call
-of a conversation runs on one private thread; `step`, `set_image` and
-`reset` hand their work to it and wait, whichever thread calls them.
+    conv = Conversation.from_pretrained(image=features, on_frame=play)
+    conv.push(pcm_in)                   # returns at once; `play(FrameOutput)` follows
+
+A conversation has no length limit.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .hub import DEFAULT_REPO, load_model, resolve_files
 from .mimi import StreamingCodec, load_mimi
+from .pipeline import ConversationClosed, FrameListener, FrameOutput, FramePipeline, StageError, TextListener
 from .sampling import SamplerConfig
 from .text import TextStream, load_tokenizer
 
-TextListener = Callable[[str], None]
+__all__ = ["Conversation", "ConversationClosed", "FrameOutput", "IncompatibleModelError", "StageError"]
 
 
 class IncompatibleModelError(ValueError):
@@ -57,67 +56,28 @@ def check_compatible(cfg, codec: StreamingCodec, text_vocab_size: int) -> None:
         )
 
 
-class _OwnThread:
-    """Runs callables on one dedicated thread, one at a time (calls from that
-    thread itself run inline, so nothing can deadlock).
-
-    MLX needs `mx.clear_streams()` at the end of every thread that used it
-    (else the process may abort at exit): the thread does that when it stops,
-    on `close()`, when collected, or at interpreter exit, whichever comes first.
-    """
-
-    def __init__(self, name: str):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_serve, args=(self._tasks,), name=name, daemon=True)
-        self._thread.start()
-        self._stop = weakref.finalize(self, _stop_serving, self._tasks, self._thread)
-
-    def run(self, fn, *args):
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        if not self._stop.alive:
-            raise RuntimeError("this conversation was closed")
-        future: Future = Future()
-        self._tasks.put((future, fn, args))
-        return future.result()
-
-    def close(self) -> None:
-        self._stop()
-
-
-def _serve(tasks: queue.SimpleQueue) -> None:
-    while (task := tasks.get()) is not None:
-        future, fn, args = task
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # handed to the caller
-                future.set_exception(e)
-        del task, future, fn, args  # hold nothing between tasks, so the conversation can be collected
-    mx.clear_streams()
-
-
-def _stop_serving(tasks: queue.SimpleQueue, thread: threading.Thread) -> None:
-    tasks.put(None)
-    if thread is not threading.current_thread():
-        thread.join()
-
-
 class Conversation:
     """A live, spoken conversation with a MoshiVis model about an image.
 
-    `mimi` is a codec (`moshivis_mlx.mimi.load_mimi(path)`) or the path of
-    Mimi's checkpoint; `tokenizer` a sentencepiece processor or the path of
-    its `.model` file.
+    `mimi` is a codec (`moshivis_mlx.load_mimi(path)`) or the path of Mimi's
+    checkpoint; the conversation owns it and closes it with itself.
+    `tokenizer` is a sentencepiece processor or the path of its `.model`.
 
     `image` (and `set_image`) takes whatever `model.stream(image=...)` takes:
     SigLIP features (num_tokens, vision_width), an `ImageKV`, None for no
     image, and image inputs as `model.embed_image` accepts them.
 
-    Thread safety: `step`, `set_image` and `reset` may be called from any
-    thread; they run one at a time on the conversation's own thread. Text
-    listeners are called in the thread that called `step`, with each
-    non-empty piece of text.
+    Two ways to talk, not to be mixed in one conversation:
+      * `step(pcm)`: one frame in, its answer out, one frame at a time;
+      * `push(pcm)` as frames come, and the answers, in order, either to
+        `on_frame(FrameOutput)` (called on the conversation's decoder thread;
+        keep it short) or from `receive()`. Frames overlap in the stages, so
+        the conversation keeps up as long as its slowest stage does.
+    Both give the same tokens, text and audio, bit for bit.
+
+    Every method may be called from any thread. Text listeners are called
+    with each non-empty piece, in the thread that called `step`/`receive`,
+    or on the decoder thread before `on_frame`.
     """
 
     def __init__(
@@ -130,28 +90,26 @@ class Conversation:
         sampler: SamplerConfig | None = None,
         greedy: bool = False,
         on_text: TextListener | None = None,
+        on_frame: FrameListener | None = None,
     ):
         if isinstance(mimi, (str, Path)):
             mimi = load_mimi(mimi)
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
-        self._text = TextStream(tokenizer)
-        check_compatible(model.cfg, mimi, self._text.vocab_size)
+        text = TextStream(tokenizer)
+        check_compatible(model.cfg, mimi, text.vocab_size)
         self.model = model
         self.mimi = mimi
         self.sample_rate = mimi.sample_rate
         self.frame_size = mimi.frame_size
-        self._listeners_lock = threading.Lock()
-        self._listeners: list[TextListener] = [on_text] if on_text is not None else []
-        self._pieces: list[str] = []
-        self.steps = 0
-        # [web, issue 19] The gate of the last text piece (see `StepOutput.gate`): 0 = the picture
-        # played no part. Set by `_step` with the text, so read it right after `step` returns text.
-        self.last_gate = 0.0
-        mx.eval(model.parameters())  # nothing lazy may reach the conversation's thread
-        self._thread = _OwnThread("moshivis-conversation")
+        mx.eval(model.parameters())  # nothing lazy may reach the conversation's threads
         image = _evaluated(image)
-        self._stream = self._thread.run(lambda: model.stream(image=image, greedy=greedy, sampler=sampler))
+        self._pipeline = FramePipeline(
+            model, mimi, text, lambda: model.stream(image=image, greedy=greedy, sampler=sampler), on_frame
+        )
+        self._close = weakref.finalize(self, self._pipeline.close)
+        if on_text is not None:
+            self._pipeline.add_text_listener(on_text)
 
     @classmethod
     def from_pretrained(
@@ -167,6 +125,7 @@ class Conversation:
         sampler: SamplerConfig | None = None,
         greedy: bool = False,
         on_text: TextListener | None = None,
+        on_frame: FrameListener | None = None,
     ) -> "Conversation":
         """Everything from the Hub (or local paths where given), ready to talk.
 
@@ -182,6 +141,7 @@ class Conversation:
             sampler=sampler,
             greedy=greedy,
             on_text=on_text,
+            on_frame=on_frame,
         )
 
     # -- talking -----------------------------------------------------------
@@ -192,70 +152,112 @@ class Conversation:
         `pcm_in`: `frame_size` (1920) float32 samples at 24 kHz. Returns
         (pcm_out (1920,) float32, text piece, "" most of the time).
         """
+        if self._pipeline.unreceived or self._pipeline.in_flight:
+            raise RuntimeError("step() waits for its own answer: it cannot follow push() with answers pending")
+        self.push(pcm_in)
+        out = self.receive()
+        return out.pcm, out.text
+
+    def push(self, pcm_in: np.ndarray) -> int:
+        """Hand one frame (1920 float32 samples) to the conversation and return at once.
+
+        Returns the frame's index. Its answer follows, in order, as a
+        `FrameOutput` to `on_frame` or from `receive()`.
+        """
+        return self._pipeline.push(self._frame(pcm_in))
+
+    def receive(self, timeout: float | None = None) -> FrameOutput:
+        """The answer to the oldest pushed frame not received yet (waits for it)."""
+        return self._pipeline.receive(timeout)
+
+    @property
+    def frames_pushed(self) -> int:
+        """Frames pushed since the conversation began (resets do not rewind it)."""
+        return self._pipeline.pushed
+
+    @property
+    def in_flight(self) -> int:
+        """Frames pushed whose answers are not out yet."""
+        return self._pipeline.in_flight
+
+    @property
+    def steps(self) -> int:
+        """Frames answered since the conversation (re)started."""
+        return self._pipeline.steps
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the conversation stopped, if a stage failed."""
+        return self._pipeline.error
+
+    def set_image(self, image, *, wait: bool = True) -> Future | None:
+        """Talk about another image (None: no image).
+
+        The picture is embedded on a thread of its own. With `wait` (the
+        default) this returns once it is embedded, and it applies from the
+        next frame pushed. With `wait=False` it returns at once and the
+        conversation goes on meanwhile; the picture applies from the first
+        frame pushed after it is ready, and the returned future gives that
+        frame's index (or the picture's error: the conversation goes on
+        with the old one).
+        """
+        embedded = self._pipeline.prepare_image(_evaluated(image))
+        if wait:
+            self._pipeline.control("image", embedded.result())
+            return None
+        applied: Future = Future()
+
+        def swap_in(done: Future) -> None:
+            if done.exception() is not None:
+                applied.set_exception(done.exception())
+                return
+            try:
+                self._pipeline.control("image", done.result()).add_done_callback(
+                    lambda boundary: _copy_outcome(boundary, applied))
+            except BaseException as e:  # closed meanwhile
+                applied.set_exception(e)
+
+        embedded.add_done_callback(swap_in)
+        return applied
+
+    def reset(self) -> None:
+        """Start a new conversation (same image, same listeners), after every frame pushed so far."""
+        self._pipeline.control("reset").result()
+
+    def close(self) -> None:
+        """Finish the frames pushed so far, then stop the conversation's threads and
+        its codec (else this happens when the conversation is collected or the
+        program ends). Nothing can be pushed after."""
+        self._close()
+
+    def _frame(self, pcm_in: np.ndarray) -> np.ndarray:
         frame = np.asarray(pcm_in, np.float32).reshape(-1)
         if frame.shape[0] != self.frame_size:
             raise ValueError(
                 f"expected one frame of {self.frame_size} samples at {self.sample_rate} Hz, "
                 f"got {np.shape(pcm_in)}"
             )
-        pcm_out, text = self._thread.run(self._step, frame)
-        if text:
-            with self._listeners_lock:
-                listeners = list(self._listeners)
-            for listener in listeners:
-                listener(text)
-        return pcm_out, text
-
-    def _step(self, frame: np.ndarray) -> tuple[np.ndarray, str]:
-        codes = self.mimi.encode(frame)
-        out = self._stream.step(codes)
-        if out.tokens is None:  # the first step only fills the delays
-            pcm_out, text = np.zeros(self.frame_size, np.float32), ""
-        else:
-            tokens = np.array(out.tokens)  # the step's one synchronisation
-            text = self._text.piece(tokens[0])
-            if text:  # [web, issue 19] evaluated with the tokens: no second wait
-                self.last_gate = out.gate.item()
-            pcm_out = self.mimi.decode(tokens[1:])
-        self.steps += 1
-        if text:
-            self._pieces.append(text)
-        return pcm_out, text
-
-    def set_image(self, image) -> None:
-        """Talk about another image from the next step on (None: no image)."""
-        self._thread.run(self._stream.set_image, _evaluated(image))
-
-    def reset(self) -> None:
-        """Start a new conversation (same image, same listeners)."""
-        self._thread.run(self._reset)
-
-    def _reset(self) -> None:
-        self._stream.reset()
-        self.mimi.reset()
-        self._text.reset()
-        self._pieces.clear()
-        self.steps = 0
-
-    def close(self) -> None:
-        """Stop the conversation's thread (else it stops when the conversation
-        is collected or the program ends). The conversation cannot step after."""
-        self._thread.close()
+        return frame
 
     # -- text --------------------------------------------------------------
 
     @property
     def transcript(self) -> str:
         """Everything the model said so far, as text."""
-        return "".join(list(self._pieces))
+        return self._pipeline.transcript
 
     def add_text_listener(self, listener: TextListener) -> None:
-        with self._listeners_lock:
-            self._listeners.append(listener)
+        self._pipeline.add_text_listener(listener)
 
     def remove_text_listener(self, listener: TextListener) -> None:
-        with self._listeners_lock:
-            self._listeners.remove(listener)
+        self._pipeline.remove_text_listener(listener)
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
 
 
 def _evaluated(image):

@@ -1,11 +1,13 @@
 """Live mode: microphone -> MoshiVis -> speaker, in real time.
 
-One worker thread owns MLX and Mimi: it takes the microphone's audio,
-resamples it to 24 kHz, steps the conversation once per 80 ms frame and
-queues the answer for the speaker. The PortAudio callbacks only move audio
-through bounded buffers. When the machine is slower than real time, the
-oldest waiting input frames are dropped (and counted) so the lag stays under
-`max_lag`; when the speaker runs dry it plays silence (counted as an underrun).
+A feeder thread takes the microphone's audio, resamples it to 24 kHz and
+pushes whole 80 ms frames into the conversation, whose Mimi encoder, model
+and Mimi decoder work side by side (see `pipeline`); a receiver thread takes
+the answers, in order, and queues them for the speaker. The PortAudio
+callbacks only move audio through bounded buffers. When the machine is
+slower than real time, the oldest waiting input frames are dropped (and
+counted) so the lag stays under `max_lag`; when the speaker runs dry it
+plays silence (counted as an underrun).
 
 `sounddevice` (and so PortAudio) is imported only here, on demand.
 """
@@ -29,6 +31,7 @@ _INPUT_QUEUE_BLOCKS = 512  # safety bound on callback blocks not yet taken by th
 _RECENT_STEPS = 25  # steps averaged for the real-time factor on the status line (2 s)
 _POLL_SECONDS = 0.02  # worker wait for new input when idle
 _WARMUP_STEPS = 2  # steps run (and forgotten) before the streams open, so the first real ones are not slow
+_MAX_IN_FLIGHT = 3  # frames in the conversation at once: one per stage keeps every stage busy
 _MAX_OUTPUT_CHANNELS = 2  # mono is written to both channels of a stereo device
 
 
@@ -112,8 +115,9 @@ class LiveStats:
     captured_seconds: float = 0.0  # audio the microphone delivered
     played_seconds: float = 0.0  # model audio the speaker played
     steps: int = 0
-    step_seconds_total: float = 0.0
-    step_seconds_max: float = 0.0
+    latency_seconds_total: float = 0.0  # from a frame's push to its answer
+    latency_seconds_max: float = 0.0
+    stage_seconds_total: dict = field(default_factory=dict)  # per stage: encode, model, decode
     dropped_frames: int = 0  # input frames skipped to keep the lag bounded
     underruns: int = 0  # speaker callbacks that found too little audio
     underrun_seconds: float = 0.0  # silence played instead
@@ -122,21 +126,40 @@ class LiveStats:
     lag_seconds: float = 0.0
     max_lag_seconds: float = 0.0
     image_switches: int = 0
-    recent_step_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_RECENT_STEPS))
+    image_switch_frames: list = field(default_factory=list)  # (frame when asked, first frame that saw it)
+    recent_stage_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_RECENT_STEPS))
 
     @property
-    def mean_step_seconds(self) -> float:
-        return self.step_seconds_total / self.steps if self.steps else 0.0
+    def mean_latency_seconds(self) -> float:
+        return self.latency_seconds_total / self.steps if self.steps else 0.0
+
+    def mean_stage_seconds(self) -> dict[str, float]:
+        return {name: total / self.steps for name, total in self.stage_seconds_total.items()} if self.steps else {}
+
+    def slowest_stage(self) -> tuple[str, float]:
+        """The stage that sets the frame period, and its mean time per frame."""
+        means = self.mean_stage_seconds()
+        return max(means.items(), key=lambda kv: kv[1]) if means else ("", 0.0)
 
     def real_time_factor(self, frame_seconds: float) -> float:
-        """Seconds of compute per second of audio over the last steps (< 1 keeps up)."""
-        recent = list(self.recent_step_seconds)
+        """The slowest stage's seconds per second of audio over the last steps (< 1 keeps up)."""
+        recent = list(self.recent_stage_seconds)
         return (sum(recent) / len(recent)) / frame_seconds if recent else 0.0
+
+    def count(self, output) -> None:
+        """Account for one answered frame (a `FrameOutput`)."""
+        self.steps += 1
+        self.latency_seconds_total += output.latency
+        self.latency_seconds_max = max(self.latency_seconds_max, output.latency)
+        for name, seconds in output.stage_seconds.items():
+            self.stage_seconds_total[name] = self.stage_seconds_total.get(name, 0.0) + seconds
+        self.recent_stage_seconds.append(max(output.stage_seconds.values(), default=0.0))
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.pop("recent_step_seconds")
-        out["mean_step_seconds"] = self.mean_step_seconds
+        out.pop("recent_stage_seconds")
+        out["mean_latency_seconds"] = self.mean_latency_seconds
+        out["mean_stage_seconds"] = self.mean_stage_seconds()
         return out
 
 
@@ -220,10 +243,9 @@ class LiveSession:
         self._pending = np.zeros(0, np.float32)  # resampled input not yet a whole frame
         self._output = OutputBuffer(int(max_lag_seconds * self.stats.output_rate))
         self._playing = False
-        self._commands: queue.Queue = queue.Queue()
         self.events: queue.Queue[tuple[str, str]] = queue.Queue()  # ("text", piece) or ("info", message)
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._streams: list = []
         self._started_at = 0.0
         self.error: BaseException | None = None
@@ -231,51 +253,75 @@ class LiveSession:
     # -- control -------------------------------------------------------------
 
     def start(self) -> None:
-        """Warm up, open the streams and start the worker."""
+        """Warm up, open and start the streams, then the threads that feed the conversation."""
         self._warm_up()
+        self._open_streams()
         if self._record_path is not None:
             self._recorder = WavWriter(self._record_path, self.rate, channels=2)
-        sd = self.sd
-        out_channels = min(_MAX_OUTPUT_CHANNELS, int(sd.query_devices(self.output_device)["max_output_channels"]))
-        try:
-            self._streams = [
-                sd.InputStream(
-                    device=self.input_device, samplerate=self.stats.input_rate, channels=1, dtype="float32",
-                    latency="low", callback=self._on_input,
-                ),
-                sd.OutputStream(
-                    device=self.output_device, samplerate=self.stats.output_rate, channels=out_channels,
-                    dtype="float32", latency="low", callback=self._on_output,
-                ),
-            ]
-        except (sd.PortAudioError, ValueError) as e:
-            self._close_streams()
-            if self._recorder is not None:
-                self._recorder.discard()
-            raise AudioDeviceError(f"cannot open the audio devices: {e}") from None
         self._started_at = time.perf_counter()
-        self._worker = threading.Thread(target=self._run_worker, name="moshivis-worker", daemon=True)
-        self._worker.start()
-        for stream in self._streams:
-            stream.start()
+        self._threads = [
+            threading.Thread(target=self._guarded, args=(self._feed,), name="moshivis-feed", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._receive,), name="moshivis-receive", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _open_streams(self) -> None:
+        """Both streams open and running, or none and an `AudioDeviceError` naming the device."""
+        sd = self.sd
+        devices = {"input": self.input_device, "output": self.output_device}
+        kind = "input"
+        try:
+            self._streams.append(sd.InputStream(
+                device=self.input_device, samplerate=self.stats.input_rate, channels=1, dtype="float32",
+                latency="low", callback=self._on_input,
+            ))
+            kind = "output"
+            out_channels = min(_MAX_OUTPUT_CHANNELS, int(sd.query_devices(self.output_device)["max_output_channels"]))
+            self._streams.append(sd.OutputStream(
+                device=self.output_device, samplerate=self.stats.output_rate, channels=out_channels,
+                dtype="float32", latency="low", callback=self._on_output,
+            ))
+            for kind, stream in zip(("input", "output"), self._streams):
+                stream.start()
+        except (sd.PortAudioError, ValueError, OSError) as e:
+            self._close_streams()
+            name = _device_name(sd, devices[kind])
+            raise AudioDeviceError(f"cannot start the audio {kind} device {devices[kind]} ({name}): {e}") from None
 
     def stop(self) -> None:
-        """Close the streams, let the worker finish its step, finish the recording."""
+        """Close the streams, let the threads finish, finish the recording."""
         self._close_streams()
         self._stop.set()
-        if self._worker is not None:
-            self._worker.join()
+        for thread in self._threads:
+            thread.join()
         self.stats.seconds = time.perf_counter() - self._started_at if self._started_at else 0.0
         if self._recorder is not None:
             self._recorder.close()
 
     @property
     def running(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def request_image(self, image, label: str) -> None:
-        """Switch the picture between two steps (the worker does it: it owns MLX)."""
-        self._commands.put((image, label))
+        """Switch the picture; the conversation goes on while it is embedded."""
+        asked_at = self.conversation.frames_pushed
+        try:
+            applied = self.conversation.set_image(image, wait=False)
+        except Exception as e:  # closed, or stopped
+            self.events.put(("info", f"cannot use {label}: {e}"))
+            return
+        self.events.put(("info", f"preparing {label}..."))
+        applied.add_done_callback(lambda done: self._image_applied(done, label, asked_at))
+
+    def _image_applied(self, done, label: str, asked_at: int) -> None:
+        error = done.exception()
+        if error is not None:  # a bad picture must not end the conversation
+            self.events.put(("info", f"cannot use {label}: {error}"))
+        else:
+            self.stats.image_switches += 1
+            self.stats.image_switch_frames.append((asked_at, done.result()))
+            self.events.put(("info", f"now looking at {label} (from frame {done.result()})"))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._started_at if self._started_at else 0.0
@@ -288,7 +334,7 @@ class LiveSession:
         self.stats.captured_seconds += frames / self.stats.input_rate
         try:
             self._input.put_nowait(indata[:, 0].copy())
-        except queue.Full:  # the worker is stuck; the lag bound would drop this audio anyway
+        except queue.Full:  # the feeder is stuck; the lag bound would drop this audio anyway
             self.stats.input_overflows += 1
 
     def _on_output(self, outdata, frames, time_info, status) -> None:
@@ -301,7 +347,7 @@ class LiveSession:
                 self.stats.underruns += 1
                 self.stats.underrun_seconds += (frames - taken) / self.stats.output_rate
 
-    # -- worker (owns MLX) ---------------------------------------------------------
+    # -- the two threads -----------------------------------------------------------
 
     def _warm_up(self) -> None:
         silence = np.zeros(self.frame_size, np.float32)
@@ -309,31 +355,40 @@ class LiveSession:
             self.conversation.step(silence)
         self.conversation.reset()
 
-    def _run_worker(self) -> None:
+    def _guarded(self, loop) -> None:
         try:
-            while not self._stop.is_set():
-                self._apply_commands()
-                self._take_input()
-                frame = self._next_frame()
-                if frame is not None:
-                    self._step(frame)
+            loop()
         except BaseException as e:  # reported by the main thread
-            self.error = e
+            self.error = self.error or e
             self._stop.set()
 
-    def _apply_commands(self) -> None:
-        while True:
+    def _feed(self) -> None:
+        """Microphone -> whole frames -> the conversation, at most `_MAX_IN_FLIGHT` at once."""
+        while not self._stop.is_set():
+            self._take_input()
+            while self.conversation.in_flight < _MAX_IN_FLIGHT:
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                self.conversation.push(frame)
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+
+    def _receive(self) -> None:
+        """Answers -> the speaker (and the recording, and the transcript)."""
+        while not self._stop.is_set():
             try:
-                image, label = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self.conversation.set_image(image)
-            except Exception as e:  # a bad picture must not end the conversation
-                self.events.put(("info", f"cannot use {label}: {e}"))
-            else:
-                self.stats.image_switches += 1
-                self.events.put(("info", f"now looking at {label}"))
+                out = self.conversation.receive(timeout=_POLL_SECONDS)
+            except TimeoutError:
+                continue
+            self.stats.count(out)
+            if self._recorder is not None:
+                self._recorder.write(np.stack([out.pcm_in, out.pcm], axis=1))
+            dropped = self._output.push(self._to_speaker.process(out.pcm))
+            self.stats.output_overflow_seconds += dropped / self.stats.output_rate
+            self._playing = True
+            if out.text:
+                self.events.put(("text", out.text))
 
     def _take_input(self) -> None:
         """Move every queued microphone block into `_pending` (at 24 kHz)."""
@@ -347,10 +402,13 @@ class LiveSession:
             pass
         if blocks:
             self._pending = np.concatenate([self._pending, self._to_model.process(np.concatenate(blocks))])
+        elif len(self._pending) >= self.frame_size:
+            time.sleep(_POLL_SECONDS / 4)  # frames wait for room in the conversation
 
     def _current_lag(self) -> float:
-        """Audio heard but not yet answered, plus answers not yet played, in seconds."""
-        return len(self._pending) / self.rate + self._output.size / self.stats.output_rate
+        """Audio heard but not yet answered (waiting or in the conversation), plus answers not yet played."""
+        waiting = len(self._pending) / self.rate + self.conversation.in_flight * self.frame_seconds
+        return waiting + self._output.size / self.stats.output_rate
 
     def _next_frame(self) -> np.ndarray | None:
         """The oldest whole frame, after dropping the oldest ones beyond the lag bound."""
@@ -369,25 +427,6 @@ class LiveSession:
         frame, self._pending = self._pending[: self.frame_size], self._pending[self.frame_size :]
         return frame
 
-    def _step(self, frame: np.ndarray) -> None:
-        start = time.perf_counter()
-        out, text = self.conversation.step(frame)
-        if self.step_delay:
-            time.sleep(self.step_delay)
-        took = time.perf_counter() - start
-        stats = self.stats
-        stats.steps += 1
-        stats.step_seconds_total += took
-        stats.step_seconds_max = max(stats.step_seconds_max, took)
-        stats.recent_step_seconds.append(took)
-        if self._recorder is not None:
-            self._recorder.write(np.stack([frame, out], axis=1))
-        dropped = self._output.push(self._to_speaker.process(out))
-        stats.output_overflow_seconds += dropped / stats.output_rate
-        self._playing = True
-        if text:
-            self.events.put(("text", text))
-
     def _close_streams(self) -> None:
         for stream in self._streams:
             try:
@@ -396,3 +435,10 @@ class LiveSession:
             except Exception:  # closing must go on for the other stream and the files
                 pass
         self._streams = []
+
+
+def _device_name(sd, device: int) -> str:
+    try:
+        return str(sd.query_devices(device)["name"])
+    except Exception:
+        return "unknown device"

@@ -2,23 +2,41 @@
 
 24 kHz mono; every 80 ms frame (1920 samples) becomes 8 codes of 2048 values
 and back. `rustymimi` precomputes its rotary embeddings for a fixed number of
-positions (8192 by default: its transformers run at 25 Hz, so a stream fails
-after 5.5 minutes). `Mimi` removes that limit: before an instance runs out,
-a fresh one is fed the same frames alongside it for `RENEWAL_OVERLAP_FRAMES`
-and then takes over. The codec's attention layers see the last 250 steps
-(10 s) with relative positions, and its convolutions a few frames, so the
-state depends on the past only through the last tens of seconds (8 stacked
-layers of 10 s each, fading): after 30 s of overlap the successor's output
-differs from the old instance's by 0.5% of the signal (measured with random
-weights, benchmarks/bench_mimi.py), and the codes are identical.
+positions (its transformers run at 25 Hz, so an instance fails after
+`max_seq_len / 2` frames), and its `reset()` clears the streaming state but
+not the position: a reset instance fails as early as one never reset.
+
+`load_mimi` removes both limits:
+  * each instance runs in a process of its own (`codec_worker`): building one
+    holds the GIL for up to 1.5 s, which in-process would freeze every
+    thread of the conversation, audio callbacks included;
+  * the encoder and the decoder are separate instances (one instance cannot
+    encode and decode at the same time), so the two directions run in
+    parallel with each other and with the model;
+  * before an instance runs out, a successor, built ahead of time, is fed
+    the same frames alongside it for `RENEWAL_OVERLAP_FRAMES` and then takes
+    over. The codec's attention layers see the last 250 steps (10 s) and its
+    convolutions a few frames, so after 30 s of overlap the successor's
+    output differs from the old instance's by 0.5% of the signal (random
+    weights, benchmarks/bench_mimi.py) and its codes are identical;
+  * `reset()` switches to a fresh instance built ahead of time (the spare),
+    so it is exact and immediate.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+
+from .codec_worker import HEADER, read_exactly, write_message
 
 MIMI_SAMPLE_RATE = 24_000
 MIMI_FRAME_SIZE = 1920  # samples per 80 ms frame (12.5 Hz)
@@ -28,9 +46,14 @@ MIMI_STEPS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
 RENEWAL_OVERLAP_FRAMES = 375  # 30 s: a decoder fed 12 s differs by 20% of the signal, 24 s: 1.5%
 MAX_SEQ_LEN = 32_768  # positions precomputed per instance (~22 min; ~8 MB of tables)
 
+ENCODE, DECODE = "encode", "decode"
+
 
 class StreamingCodec(Protocol):
-    """What a conversation needs from a codec (Mimi, or a stand-in in tests)."""
+    """What a conversation needs from a codec (Mimi, or a stand-in in tests).
+
+    `encode` and `decode` may be called from two different threads at once;
+    `reset` only while neither runs."""
 
     sample_rate: int
     frame_size: int
@@ -47,8 +70,9 @@ class MimiError(RuntimeError):
 
 
 class RustyMimi:
-    """One `rustymimi.Tokenizer`, frame by frame. It fails after
-    `max_seq_len // 2` frames; use `Mimi`, which renews it."""
+    """One `rustymimi.Tokenizer` in this process, frame by frame. It fails
+    after `max_seq_len // 2` frames, and holds the GIL while it loads: use
+    `load_mimi`, which renews instances in processes of their own."""
 
     sample_rate = MIMI_SAMPLE_RATE
     frame_size = MIMI_FRAME_SIZE
@@ -59,9 +83,7 @@ class RustyMimi:
             import rustymimi
         except ImportError as e:
             raise MimiError(f"the Mimi codec needs `rustymimi` (pip install rustymimi): {e}") from None
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise MimiError(f"{path}: no such Mimi checkpoint file")
+        path = _checked_path(path)
         self.num_codebooks = num_codebooks
         self.max_frames = max_seq_len // MIMI_STEPS_PER_FRAME
         try:
@@ -83,68 +105,336 @@ class RustyMimi:
         self._tokenizer.reset()
 
 
-class RenewingCodec:
-    """A streaming codec made of limited instances, renewed before they run out.
+# -- instances: what a renewing coder drives -----------------------------------------------
 
-    `factory()` makes a fresh instance with a `max_frames` attribute (frames it
-    can encode and decode). From `max_frames - overlap` on, a fresh instance
-    gets every frame too; after `overlap` frames it replaces the old one.
+
+class CodecInstance(Protocol):
+    """One limited-life codec instance, driven in one direction."""
+
+    max_frames: int
+
+    def ready(self) -> bool: ...  # built (never blocks)
+    def run(self, direction: str, data: np.ndarray) -> np.ndarray: ...
+    def feed(self, direction: str, data: np.ndarray) -> None: ...  # no answer, never blocks
+    def sync(self) -> None: ...  # wait until everything fed is done; raises its error
+    def close(self) -> None: ...
+
+
+class MimiProcess:
+    """A `rustymimi.Tokenizer` in a child process (see `codec_worker`).
+    Starting returns at once; the instance builds in the background."""
+
+    def __init__(self, path: str | Path, num_codebooks: int = MIMI_NUM_CODEBOOKS, max_seq_len: int = MAX_SEQ_LEN):
+        self.path = _checked_path(path)
+        self.num_codebooks = num_codebooks
+        self.max_frames = max_seq_len // MIMI_STEPS_PER_FRAME
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moshivis_mlx.codec_worker", str(self.path), str(num_codebooks), str(max_seq_len)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
+        )
+        self._ready = False
+        self._feeds: queue.SimpleQueue | None = None  # requests for the writer thread while fed
+        self._writer: threading.Thread | None = None
+
+    def ready(self) -> bool:
+        if not self._ready and select.select([self._process.stdout], [], [], 0)[0]:
+            self._expect(b"R")
+        return self._ready
+
+    def wait_ready(self) -> None:
+        if not self._ready:
+            self._expect(b"R")
+
+    def run(self, direction: str, data: np.ndarray) -> np.ndarray:
+        self.wait_ready()
+        self._send(_request(direction, data, answer=True))
+        payload = self._expect(b"O")
+        return np.frombuffer(payload, np.int64 if direction == ENCODE else np.float32).copy()
+
+    def feed(self, direction: str, data: np.ndarray) -> None:
+        if self._feeds is None:  # a thread writes, so a slow child never blocks the caller
+            self._feeds = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._write_feeds, name="moshivis-mimi-feed", daemon=True)
+            self._writer.start()
+        self._feeds.put(_request(direction, data, answer=False))
+
+    def sync(self) -> None:
+        self.wait_ready()
+        if self._feeds is not None:
+            self._feeds.put(None)
+            self._writer.join()
+            self._feeds = self._writer = None
+        self._send(HEADER.pack(b"S", 0))
+        self._expect(b"O")
+
+    def close(self) -> None:
+        if self._feeds is not None:
+            self._feeds.put(None)
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process.stdout.close()
+
+    def _write_feeds(self) -> None:
+        while (request := self._feeds.get()) is not None:
+            if not self._send(request, quiet=True):
+                return
+
+    def _send(self, request: bytes, quiet: bool = False) -> bool:
+        try:
+            self._process.stdin.write(request)
+            return True
+        except (BrokenPipeError, ValueError):  # the child died: its last message says why
+            if quiet:
+                return False
+            self._expect(b"O")
+            raise  # not reached: _expect raises
+
+    def _expect(self, op: bytes) -> bytes:
+        header = read_exactly(self._process.stdout, HEADER.size)
+        if header is None:
+            code = self._process.wait()
+            raise MimiError(f"{self.path}: the Mimi process ended unexpectedly (exit status {code})")
+        got, size = HEADER.unpack(header)
+        payload = read_exactly(self._process.stdout, size) if size else b""
+        if got == b"X":
+            raise MimiError(f"{self.path}: {payload.decode(errors='replace')}")
+        if got != op:
+            raise MimiError(f"{self.path}: the Mimi process answered {got!r} instead of {op!r}")
+        if op == b"R":
+            self._ready = True
+        return payload
+
+
+def _request(direction: str, data: np.ndarray, answer: bool) -> bytes:
+    if direction == ENCODE:
+        op, payload = b"E", np.ascontiguousarray(data, np.float32).tobytes()
+    else:
+        op, payload = b"D", np.ascontiguousarray(data, np.uint32).tobytes()
+    return HEADER.pack(op if answer else op.lower(), len(payload)) + payload
+
+
+class InProcess:
+    """Any codec with `encode`/`decode` (a stand-in, a `RustyMimi`) as a `CodecInstance`."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.max_frames = int(codec.max_frames)
+        self._error: BaseException | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, direction: str, data: np.ndarray) -> np.ndarray:
+        return getattr(self.codec, direction)(data)
+
+    def feed(self, direction: str, data: np.ndarray) -> None:
+        if self._error is None:
+            try:
+                getattr(self.codec, direction)(data)
+            except Exception as e:  # reported at sync, as a process would
+                self._error = e
+
+    def sync(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        pass
+
+
+# -- renewal -------------------------------------------------------------------------------
+
+
+class RenewingCoder:
+    """One direction (encode or decode) of a codec made of limited instances.
+
+    From `renew_at` frames into an instance's life, its successor (the spare,
+    built ahead of time) is fed every frame too; after `overlap_frames` it
+    takes over, and a new spare starts building. `reset()` switches to the
+    spare at once. No frame waits for an instance to load unless the spare
+    is not built yet (counted in `waits`).
     """
 
-    def __init__(self, factory: Callable[[], StreamingCodec], overlap_frames: int = RENEWAL_OVERLAP_FRAMES):
-        self._factory = factory
-        self._current = factory()
-        self._next: StreamingCodec | None = None
+    def __init__(
+        self,
+        start: Callable[[], CodecInstance],
+        direction: str,
+        overlap_frames: int = RENEWAL_OVERLAP_FRAMES,
+        first_renewal: int | None = None,
+    ):
+        self._start = start
+        self.direction = direction
         self.overlap_frames = overlap_frames
+        self._current = start()
         self.max_frames = int(self._current.max_frames)
         if 2 * overlap_frames > self.max_frames:  # else a successor would have to take over half warmed up
+            self._current.close()
             raise ValueError(f"an instance's life ({self.max_frames} frames) must be at least twice the "
                              f"overlap ({overlap_frames} frames)")
-        self.sample_rate = self._current.sample_rate
-        self.frame_size = self._current.frame_size
-        self.codebook_size = self._current.codebook_size
-        self.num_codebooks = self._current.num_codebooks
+        self._first_renewal = self.max_frames - overlap_frames if first_renewal is None else first_renewal
+        self._spare: CodecInstance | None = start()
+        self._successor: CodecInstance | None = None
         self.renewals = 0
-        self._counts = [0, 0]  # frames the current instance encoded / decoded
-        self._next_counts = [0, 0]
+        self.waits = 0
+        self._begin(self._first_renewal)
 
-    def _advance(self, kind: int) -> None:
-        self._counts[kind] += 1
-        if self._next is not None:
-            self._next_counts[kind] += 1
-            warm = min(self._next_counts) >= self.overlap_frames  # both directions caught up
-            if warm or max(self._counts) >= self.max_frames:
-                self._current, self._next = self._next, None
-                self._counts, self._next_counts = self._next_counts, [0, 0]
-                self.renewals += 1
-        elif max(self._counts) >= self.max_frames - self.overlap_frames:
-            self._next = self._factory()
+    def _begin(self, renew_at: int) -> None:
+        self._frames = 0  # frames the current instance has seen
+        self._fed = 0  # frames the successor has been fed
+        self._renew_at = renew_at
 
-    def encode(self, frame: np.ndarray) -> np.ndarray:
-        codes = self._current.encode(frame)
-        if self._next is not None:
-            self._next.encode(frame)
-        self._advance(0)
-        return codes
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        out = self._current.run(self.direction, data)
+        self._frames += 1
+        if self._successor is not None:
+            self._successor.feed(self.direction, data)
+            self._fed += 1
+            if self._fed >= self.overlap_frames or self._frames >= self.max_frames:
+                self._take_over()
+        elif self._frames >= self._renew_at and (self._spare_ready() or self._frames >= self.max_frames - 1):
+            self._successor = self._take_spare()  # fed from the next frame on
+        return out
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        pcm = self._current.decode(codes)
-        if self._next is not None:
-            self._next.decode(codes)
-        self._advance(1)
-        return pcm
+    def _spare_ready(self) -> bool:
+        return self._spare is not None and self._spare.ready()
+
+    def _take_spare(self) -> CodecInstance:
+        spare = self._spare if self._spare is not None else self._start()
+        self._spare = None
+        if not spare.ready():
+            self.waits += 1
+        return spare
+
+    def _take_over(self) -> None:
+        self._successor.sync()
+        old, self._current, self._successor = self._current, self._successor, None
+        old.close()
+        self._begin(self.max_frames - self.overlap_frames)
+        self._frames, self._fed = self.overlap_frames, 0
+        self.renewals += 1
+        self._spare = self._start()  # builds while the new instance works
 
     def reset(self) -> None:
-        self._current.reset()
-        self._next = None
-        self._counts, self._next_counts = [0, 0], [0, 0]
+        """A fresh instance from the next frame on (exactly as a new coder would answer)."""
+        fresh = self._take_spare()
+        for instance in (self._current, self._successor):
+            if instance is not None:
+                instance.close()
+        self._current, self._successor = fresh, None
+        self._begin(self._first_renewal)
+        self._spare = self._start()
+
+    def wait_ready(self) -> None:
+        """Wait until the current instance and the spare are built (a bad file fails here)."""
+        for instance in (self._current, self._spare):
+            if instance is not None and hasattr(instance, "wait_ready"):
+                instance.wait_ready()
+
+    def close(self) -> None:
+        for instance in (self._current, self._successor, self._spare):
+            if instance is not None:
+                instance.close()
+        self._successor = self._spare = None
+
+
+class RenewingCodec:
+    """Mimi with no length limit: an encoder and a decoder that renew themselves.
+
+    The decoder's first instance is renewed at half its life, so the two
+    directions never feed successors at the same time. `encode` and
+    `decode` may run at the same time on two threads.
+    """
+
+    def __init__(self, start: Callable[[], CodecInstance], overlap_frames: int = RENEWAL_OVERLAP_FRAMES,
+                 *, sample_rate: int = MIMI_SAMPLE_RATE, frame_size: int = MIMI_FRAME_SIZE,
+                 codebook_size: int = MIMI_CODEBOOK_SIZE, num_codebooks: int = MIMI_NUM_CODEBOOKS):
+        self.sample_rate = sample_rate
+        self.frame_size = frame_size
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks
+        self.encoder = RenewingCoder(start, ENCODE, overlap_frames)
+        try:
+            life = self.encoder.max_frames
+            self.decoder = RenewingCoder(start, DECODE, overlap_frames, first_renewal=max(overlap_frames, life // 2))
+        except BaseException:
+            self.encoder.close()
+            raise
+        self.max_frames = life
+
+    @property
+    def renewals(self) -> int:
+        return min(self.encoder.renewals, self.decoder.renewals)
+
+    def encode(self, frame: np.ndarray) -> np.ndarray:
+        return self.encoder(frame)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.decoder(codes)
+
+    def reset(self) -> None:
+        self.encoder.reset()
+        self.decoder.reset()
+
+    def wait_ready(self) -> None:
+        """Wait until every instance is built, spares included, so a reset right after is immediate."""
+        self.encoder.wait_ready()
+        self.decoder.wait_ready()
+
+    def close(self) -> None:
+        """End the codec's processes (else they end when this process does)."""
+        self.encoder.close()
+        self.decoder.close()
 
 
 def load_mimi(
-    path: str | Path, num_codebooks: int = MIMI_NUM_CODEBOOKS, max_seq_len: int = MAX_SEQ_LEN
+    path: str | Path,
+    num_codebooks: int = MIMI_NUM_CODEBOOKS,
+    *,
+    max_seq_len: int = MAX_SEQ_LEN,
+    overlap_frames: int | None = None,
 ) -> RenewingCodec:
-    """Mimi from a checkpoint file (`tokenizer-e351c8d8-checkpoint125.safetensors`), with no length limit."""
-    return RenewingCodec(lambda: RustyMimi(path, num_codebooks, max_seq_len))
+    """Mimi from a checkpoint file (`tokenizer-e351c8d8-checkpoint125.safetensors`), with no length limit.
+
+    `max_seq_len` sets an instance's life (`max_seq_len // 2` frames) and
+    `overlap_frames` how long a successor is fed before it takes over
+    (default: 30 s, or a quarter of a life when lives are short): small
+    values make renewals quick to test.
+    """
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("rustymimi") is None:
+            raise ImportError("no module named 'rustymimi'")
+    except ImportError as e:
+        raise MimiError(f"the Mimi codec needs `rustymimi` (pip install rustymimi): {e}") from None
+    path = _checked_path(path)
+    life = max_seq_len // MIMI_STEPS_PER_FRAME
+    if overlap_frames is None:
+        overlap_frames = min(RENEWAL_OVERLAP_FRAMES, life // 4)
+    codec = RenewingCodec(lambda: MimiProcess(path, num_codebooks, max_seq_len), overlap_frames,
+                          num_codebooks=num_codebooks)
+    try:
+        codec.wait_ready()  # a bad file is reported here, not at the first frame
+    except BaseException:
+        codec.close()
+        raise
+    return codec
+
+
+def _checked_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MimiError(f"{path}: no such Mimi checkpoint file")
+    return path
 
 
 def _first_line(error: Exception) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 import moshivis_mlx as mv
 from moshivis_mlx.audio_io import WavWriter, read_wav
-from moshivis_mlx.mimi import RenewingCodec
+from moshivis_mlx.mimi import InProcess, RenewingCodec
 from moshivis_mlx.offline import ImageSwitch, converse_offline, frames_needed
 from moshivis_mlx.text import load_tokenizer
 from talk_support import FakeCodec, rss_bytes, speech_like
@@ -33,10 +33,15 @@ class Spy:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.answers: list = []
 
-    def step(self, frame):
+    def push(self, frame):
         self.calls.append(("step", len(frame), float(frame[0])))
-        return np.ones(self.frame_size, np.float32), ""
+        self.answers.append(mv.FrameOutput(len(self.answers), np.ones(self.frame_size, np.float32), "", frame,
+                                           0.0, 0.0, {}))
+
+    def receive(self):
+        return self.answers.pop(0)
 
     def set_image(self, image):
         self.calls.append(("image", image))
@@ -65,7 +70,7 @@ def test_ten_minute_conversation_memory_stays_flat(talking_model, tokenizer_path
     codec costs ~0.15 s per frame on CI's CPU, 20 minutes for this test alone.
     The real codec's renewal is tested in test_mimi.py.
     """
-    codec = RenewingCodec(lambda: FakeCodec(max_frames=RUSTYMIMI_DEFAULT_FRAMES))
+    codec = RenewingCodec(lambda: InProcess(FakeCodec(max_frames=RUSTYMIMI_DEFAULT_FRAMES)))
     conv = mv.Conversation(talking_model, codec, load_tokenizer(tokenizer_path), sampler=mv.SamplerConfig(seed=0))
     question = np.tile(speech_like(10.0), 59)  # 590 s, then a 10 s tail: 7,500 frames
     rss: dict[int, int] = {}
@@ -78,7 +83,7 @@ def test_ten_minute_conversation_memory_stays_flat(talking_model, tokenizer_path
 
         result = converse_offline(conv, question, tail_seconds=10.0, on_frame=on_frame)
     assert result.frames == TEN_MINUTES_FRAMES == conv.steps
-    assert codec.renewals == 1
+    assert codec.encoder.renewals == 1 and codec.decoder.renewals == 2  # the decoder's first life is half
     growth = rss[TEN_MINUTES_FRAMES] - rss[1000]
     assert growth < MEMORY_GROWTH_BOUND, f"memory grew by {growth / 2**20:.1f} MiB over 6,500 frames"
     samples, _ = read_wav(tmp_path / "answer.wav")

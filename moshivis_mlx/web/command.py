@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger pictures (default %(default)g)")
     add_model_arguments(p)
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-image-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # load_conversation reads it
     return p
 
 

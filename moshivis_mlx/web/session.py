@@ -1,8 +1,8 @@
 """`WebSession`: one page's conversation, between the websocket and the model.
 
 This is the only place where the web server touches the `Conversation`
-(`step`, `set_image`, `reset`, `last_gate`), so moving to another
-conversation API changes this file alone. A worker thread takes what the page
+(`push`/`receive`, `set_image`, `reset`), so a change of the conversation's
+API changes this file alone. A worker thread takes what the page
 sent, in order: audio is cut into 80 ms frames and each whole frame is one
 step (the page's microphone paces the model, never a clock here); pictures
 and resets are applied between steps. When the machine is slower than real
@@ -173,8 +173,10 @@ class WebSession:
 
     def _step(self, frame: np.ndarray) -> None:
         start = time.perf_counter()
-        pcm_out, text = self.conversation.step(frame)
-        gate = self.conversation.last_gate
+        # One frame in flight, as `step` does: its stages do not overlap yet (live mode keeps 3 in flight).
+        self.conversation.push(frame)
+        out = self.conversation.receive()
+        pcm_out, text, gate = out.pcm, out.text, out.gate
         if self.config.step_delay:
             time.sleep(self.config.step_delay)
         stats = self.stats
