@@ -26,6 +26,7 @@ and answers through your speaker, with a live transcript.
 
   python -m moshivis_mlx --image photo.jpg
   python -m moshivis_mlx --image photo.jpg --input question.wav --output answer.wav
+  python -m moshivis_mlx web     (in the browser: see python -m moshivis_mlx web --help)
 
 Use headphones: there is no echo cancellation, so from loudspeakers the model
 hears itself. While talking, type or drag an image path into the terminal and
@@ -62,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drop input beyond this delay when the machine is slower than real time (default 0.5)")
     live.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long")
     p.add_argument("--transcript", metavar="TXT", help="write what the model said to this file")
+    add_model_arguments(p)
+    # Debugging aids for tests: a slower machine, and the live statistics as JSON.
+    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-image-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The weights and sampling flags, shared with `python -m moshivis_mlx web`."""
     weights = p.add_argument_group("weights")
     which = weights.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH", help="a local checkpoint (file or directory) instead of the Hub's")
@@ -82,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
                               help=f"(default {sampler.temperature:g})")
         sampling.add_argument(f"--{stream}-top-k", type=int, default=sampler.top_k, metavar="K",
                               help=f"(default {sampler.top_k})")
-    # Debugging aids for tests: a slower machine, and the live statistics as JSON.
-    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--debug-image-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)
-    return p
 
 
 # -- arguments ---------------------------------------------------------------------
@@ -326,7 +332,15 @@ _KNOWN_ERRORS = (UsageError, AudioFileError, CheckpointError, MissingFilesError,
                  IncompatibleModelError)
 
 
+WEB_COMMAND = "web"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [WEB_COMMAND]:  # the web page has its own options (moshivis_mlx/web)
+        from .web.command import main as web_main
+
+        return web_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .live import AudioDeviceError
 

@@ -57,6 +57,9 @@ class FrameOutput:
     pushed_at: float  # time.perf_counter() when the frame was pushed
     done_at: float  # ... and when its answer was ready
     stage_seconds: dict[str, float]  # time each stage spent on it
+    # How much the picture shaped `text` (`StepOutput.gate`: the mean cross-attention gate of the
+    # last 10 layers); 0 without a picture or without text. The web page shades words by it.
+    gate: float = 0.0
 
     @property
     def latency(self) -> float:
@@ -71,6 +74,7 @@ class _Frame:
     codes: np.ndarray | None = None  # the user's codes (encoder)
     audio_codes: np.ndarray | None = None  # the model's codes (model); None while its delays fill
     text: str = ""
+    gate: float = 0.0
     pcm: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -301,6 +305,8 @@ class FramePipeline:
         if out.tokens is not None:  # None while the delays fill (the first step)
             tokens = np.array(out.tokens)  # the step's one synchronisation
             frame.text = self._text.piece(tokens[0])
+            if frame.text:  # evaluated with the tokens: no second wait
+                frame.gate = out.gate.item()
             frame.audio_codes = tokens[1:]
 
     def _model_control(self, item: _Control) -> None:
@@ -322,7 +328,7 @@ class FramePipeline:
         """The end of the line (decoder's thread): answers out, controls done."""
         if isinstance(item, _Frame):
             output = FrameOutput(item.index, item.pcm, item.text, item.pcm_in, item.pushed_at,
-                                 time.perf_counter(), item.seconds)
+                                 time.perf_counter(), item.seconds, item.gate)
             if self._on_frame is not None:
                 try:
                     self._tell_listeners(output.text)

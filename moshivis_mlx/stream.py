@@ -14,6 +14,7 @@ step (once more when the cross-attention switches on) and replayed after.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,10 @@ class StepOutput:
     audio_logits: mx.array  # (num_generated, audio_card) of this step
     transformer_out: mx.array  # (dim,) normed temporal output: input of both heads
     input_tokens: mx.array  # (1 + num_audio_codebooks,) what the temporal transformer embedded
+    # () float32: how much the picture shaped `tokens`' text, the mean cross-attention gate of
+    # the last 10 layers (as Kyutai's servers shade words) at the step that sampled it; 0 without
+    # an image; None while delays fill. Evaluated with the tokens: reading it costs no extra wait.
+    gate: mx.array | None = None
 
 
 class Stream:
@@ -81,6 +86,9 @@ class Stream:
         # One function per (cross-attention on?, visible window slots, window full?).
         self._frame_fns: dict[tuple[bool, int, bool], Callable] = {}
         keep_transposed_weights(model)
+        self._no_gate = mx.zeros((), mx.float32)  # the gate of a step without the image
+        # The text that step t outputs was sampled this many steps earlier: its gate is kept until then.
+        self._text_lag = cfg.max_delay - int(self._delays[0])
         self.image: ImageKV | None = None
         self.set_image(image)
         self.reset()
@@ -90,6 +98,7 @@ class Stream:
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""
         self.offset = 0
+        self._gates: collections.deque[mx.array] = collections.deque(maxlen=self._text_lag + 1)
         self._ring = mx.repeat(self._initial[:, None], self._ring_len, axis=1)  # (streams, ring)
         self._window: KVWindow = self.model.transformer.make_cache(self.model.dtype)
         seed = self.sampler.seed
@@ -128,7 +137,7 @@ class Stream:
         """The model's work for one frame, as a pure function of arrays."""
         model = self.model
         x = model.embed_tokens(tokens_in)  # (1, dim): one step travels 2-D
-        x, keys, values = model.transformer(x, keys, values, offset, visible, image, full)
+        x, keys, values, gate = model.transformer(x, keys, values, offset, visible, image, full)
         temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
 
@@ -143,7 +152,8 @@ class Stream:
         audio_tokens, audio_logits = model.depformer(
             temporal_out, text_token, lambda logits, k: self.sampler.audio(logits, step_keys[1 + k])
         )
-        return text_token, audio_tokens, text_logits[0], audio_logits, temporal_out[0], keys, values, recent
+        outputs = (text_token, audio_tokens, text_logits[0], audio_logits, temporal_out[0], keys, values, recent)
+        return outputs if gate is None else (*outputs, gate)  # a compiled function returns arrays only
 
     def _frame_fn(self, with_image: bool, visible: int, full: bool) -> Callable:
         fn = self._frame_fns.get((with_image, visible, full))
@@ -172,10 +182,11 @@ class Stream:
         if with_image:
             inputs += [self.image.keys, self.image.values]
         (text_token, audio_tokens, text_logits, audio_logits, temporal_out,
-         self._window.keys, self._window.values, self._recent) = self._frame_fn(
+         self._window.keys, self._window.values, self._recent, *gate) = self._frame_fn(
             with_image, visible_slots(self.offset, self._window.size), window_full(self.offset, self._window.size)
         )(*inputs)
         del inputs  # the old window must have no other owner, so its update is done in place
+        self._gates.append(gate[0] if gate else self._no_gate)
 
         self.offset += 1
         self._ring[: 1 + self._num_gen, self.offset % self._ring_len] = mx.concatenate([text_token, audio_tokens])
@@ -189,7 +200,8 @@ class Stream:
             audio_logits=audio_logits,
             transformer_out=temporal_out,
             input_tokens=tokens_in,
+            gate=self._gates[0] if frame is not None else None,
         )
-        pending = [text_logits, audio_logits, self._ring, self._recent, self._key] + self._window.state
+        pending = [text_logits, audio_logits, self._ring, self._recent, self._key, self._gates[-1]] + self._window.state
         mx.async_eval(*pending, *([frame] if frame is not None else []))
         return out

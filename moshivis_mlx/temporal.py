@@ -26,6 +26,10 @@ from .layers import (
     write_window,
 )
 
+# Kyutai's servers shade each word by the mean cross-attention gate of the last
+# 10 temporal layers (kyuteye `Transformer.forward`): where the image speaks most.
+GATE_MEAN_LAYERS = 10
+
 
 @dataclass
 class StepPosition:
@@ -148,9 +152,16 @@ class TemporalLayer(nn.Module):
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
 
-    def cross_attend(self, x: mx.array, xa: SharedCrossAttention, image: ImageKV) -> mx.array:
+    def gated_cross_attention(
+        self, x: mx.array, xa: SharedCrossAttention, image: ImageKV
+    ) -> tuple[mx.array, mx.array]:
+        """(what the image adds to `x`, the gate's values (..., dim))."""
         y = xa(self.norm_cross(x, xa.query_gain()), image)
-        return x + (self.cross_gate(y) * y).astype(x.dtype)  # the gate may compute in float32
+        gate = self.cross_gate(y)
+        return (gate * y).astype(x.dtype), gate  # the gate may compute in float32
+
+    def cross_attend(self, x: mx.array, xa: SharedCrossAttention, image: ImageKV) -> mx.array:
+        return x + self.gated_cross_attention(x, xa, image)[0]
 
     def __call__(
         self,
@@ -160,11 +171,14 @@ class TemporalLayer(nn.Module):
         at: StepPosition,
         xa: SharedCrossAttention,
         image: ImageKV | None,
-    ) -> tuple[mx.array, mx.array, mx.array]:
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
+        """Returns (output, keys, values, the cross-attention gate or None without an image)."""
         x, keys, values = self.self_attn(self.norm1(x), x, keys, values, at)
+        gate = None
         if image is not None:
-            x = self.cross_attend(x, xa, image)
-        return self.gating.residual(x, self.norm2(x)), keys, values
+            update, gate = self.gated_cross_attention(x, xa, image)
+            x = x + update
+        return self.gating.residual(x, self.norm2(x)), keys, values, gate
 
 
 class TemporalTransformer(nn.Module):
@@ -200,21 +214,27 @@ class TemporalTransformer(nn.Module):
         visible: int,
         image: ImageKV | None,
         full: bool = False,
-    ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-        """One step (1, dim); returns the output and the updated per-layer keys/values.
+    ) -> tuple[mx.array, list[mx.array], list[mx.array], mx.array | None]:
+        """One step (1, dim); returns the output, the updated per-layer keys/values
+        and the step's gate: the mean cross-attention gate of the last
+        `GATE_MEAN_LAYERS` layers, a float32 scalar (None without an image).
         `full`: the window is full (see `position`)."""
         at = self.position(offset, visible, full)
-        new_keys, new_values = [], []
+        new_keys, new_values, gates = [], [], []
         for layer, k, v in zip(self.layers, keys, values):
-            x, k, v = layer(x, k, v, at, self.cross_attention, image)
+            x, k, v, gate = layer(x, k, v, at, self.cross_attention, image)
             new_keys.append(k)
             new_values.append(v)
-        return x, new_keys, new_values
+            gates.append(gate)
+        last = gates[-GATE_MEAN_LAYERS:]
+        # Two operations for all layers (one concatenation, one mean), not two per layer.
+        mean_gate = None if image is None else mx.mean(mx.concatenate(last, axis=-1).astype(mx.float32))
+        return x, new_keys, new_values, mean_gate
 
     def step(self, x: mx.array, cache: KVWindow, offset: int, image: ImageKV | None) -> mx.array:
         """Uncompiled convenience: one step that updates `cache` in place."""
         visible = visible_slots(offset, cache.size)
-        x, cache.keys, cache.values = self(
+        x, cache.keys, cache.values, _ = self(
             x, cache.keys, cache.values, mx.array(offset), visible, image, window_full(offset, cache.size)
         )
         return x
