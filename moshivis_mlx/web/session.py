@@ -3,9 +3,12 @@
 This is the only place where the web server touches the `Conversation`
 (`push`/`receive`, `set_image`, `reset`), so a change of the conversation's
 API changes this file alone. A worker thread takes what the page
-sent, in order: audio is cut into 80 ms frames and each whole frame is one
-step (the page's microphone paces the model, never a clock here); pictures
-and resets are applied between steps. When the machine is slower than real
+sent, in order: audio is cut into 80 ms frames and each whole frame is
+pushed into the conversation (the page's microphone paces the model, never a
+clock here), up to 3 at once so Mimi and the model work side by side;
+answers go back as they come. Pictures are embedded off the audio path and
+apply from the first frame after they are ready; the page gets its answers
+to pictures in the order it sent them. When the machine is slower than real
 time, the oldest waiting frames are dropped (and counted) so the lag stays
 under `max_lag_seconds`, as live mode does.
 """
@@ -28,6 +31,8 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a phone photo is a few MB; SigLIP 
 _POLL_SECONDS = 0.05  # worker wait for input when idle (only so that `stop` is noticed)
 _RECENT_STEPS = 25  # steps averaged for the real-time factor (2 s)
 _WARMUP_STEPS = 2  # compile the step before the first page talks
+_MAX_IN_FLIGHT = 3  # frames in the conversation at once: one per stage
+_ANSWER_WAIT_SECONDS = 0.01  # worker wait for an answer when nothing else is ready
 
 Send = Callable[[bytes], None]
 
@@ -81,6 +86,7 @@ class WebSession:
         self._send = send
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("audio" | "image" | "refuse" | "reset", value)
         self._pending = np.zeros(0, np.float32)  # audio not yet a whole frame, or waiting
+        self._replies: collections.deque = collections.deque()  # to pictures and resets, in the page's order
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="moshivis-web", daemon=True)
 
@@ -119,16 +125,19 @@ class WebSession:
                                        max_image_bytes=self.config.max_image_bytes))
             while not self._stop.is_set():
                 self._take_inbox()
-                frame = self._next_frame()
-                if frame is not None:
-                    self._step(frame)
+                while self.conversation.in_flight < _MAX_IN_FLIGHT and (frame := self._next_frame()) is not None:
+                    self.conversation.push(frame)
+                    if self.config.step_delay:
+                        time.sleep(self.config.step_delay)
+                self._take_answers()
+                self._answer_pictures()
         except BaseException as e:  # the server reports it and ends the page's connection
             self.error = e
             self._send(protocol.error("internal", f"the conversation stopped: {e}"))
 
     def _take_inbox(self) -> None:
         """Everything the page sent so far, in order (waits a little when there is nothing to do)."""
-        wait = len(self._pending) < self.frame_size
+        wait = len(self._pending) < self.frame_size and not self.conversation.in_flight
         while True:
             try:
                 kind, value = self._inbox.get(timeout=_POLL_SECONDS) if wait else self._inbox.get_nowait()
@@ -141,52 +150,70 @@ class WebSession:
             elif kind == "image":
                 self._set_image(value)
             elif kind == "refuse":
-                self._send(protocol.error("image", value))
+                self._replies.append(protocol.error("image", value))
             elif kind == "reset":
                 self.conversation.reset()
-                self._send(protocol.status("reset"))
+                self._replies.append(protocol.status("reset"))
 
     def _set_image(self, data: bytes) -> None:
+        """Embedded on the conversation's image thread while the talk goes on."""
         try:
-            self.conversation.set_image(data)
+            self._replies.append(self.conversation.set_image(data, wait=False))
         except Exception as e:  # a bad picture must not end the conversation
-            self._send(protocol.error("image", f"cannot use this picture: {e}"))
-        else:
-            self.stats.image_switches += 1
-            self._send(protocol.status("image"))
+            self._replies.append(protocol.error("image", f"cannot use this picture: {e}"))
+
+    def _answer_pictures(self) -> None:
+        """Tell the page how its pictures and resets went, in the order it sent them."""
+        while self._replies:
+            head = self._replies[0]
+            if isinstance(head, bytes):
+                self._send(head)
+            elif not head.done():
+                return
+            elif head.exception() is not None:
+                self._send(protocol.error("image", f"cannot use this picture: {head.exception()}"))
+            else:
+                self.stats.image_switches += 1
+                self._send(protocol.status("image"))
+            self._replies.popleft()
 
     def _next_frame(self) -> np.ndarray | None:
         """The oldest whole frame, after dropping the oldest ones beyond the lag bound."""
         whole = len(self._pending) // self.frame_size
         if whole == 0:
             return None
-        excess = len(self._pending) / self.rate - self.config.max_lag_seconds
+        excess = self._lag() - self.config.max_lag_seconds
         if excess > 0:
             drop = min(whole - 1, math.ceil(excess / self.frame_seconds))
             self._pending = self._pending[drop * self.frame_size :]
             self.stats.dropped_frames += drop
-        lag = len(self._pending) / self.rate
+        lag = self._lag()
         self.stats.lag_seconds = lag
         self.stats.max_lag_seconds = max(self.stats.max_lag_seconds, lag)
         frame, self._pending = self._pending[: self.frame_size], self._pending[self.frame_size :]
         return frame
 
-    def _step(self, frame: np.ndarray) -> None:
-        start = time.perf_counter()
-        # One frame in flight, as `step` does: its stages do not overlap yet (live mode keeps 3 in flight).
-        self.conversation.push(frame)
-        out = self.conversation.receive()
-        pcm_out, text, gate = out.pcm, out.text, out.gate
-        if self.config.step_delay:
-            time.sleep(self.config.step_delay)
-        stats = self.stats
-        stats.recent_step_seconds.append(time.perf_counter() - start)
-        stats.steps += 1
-        self._send(protocol.audio(pcm_out))
-        if text:
-            self._send(protocol.text(text, gate))
-        if stats.steps % self.config.stats_every_steps == 0:
-            self._send(protocol.status(
-                "stats", rtf=round(stats.real_time_factor(self.frame_seconds), 3), lag=round(stats.lag_seconds, 3),
-                dropped=stats.dropped_frames, steps=stats.steps,
-            ))
+    def _lag(self) -> float:
+        """Audio received but not answered yet: waiting here or in the conversation."""
+        return len(self._pending) / self.rate + self.conversation.in_flight * self.frame_seconds
+
+    def _take_answers(self) -> None:
+        """Send every answer ready; wait a little for the first while frames are in the conversation."""
+        wait = _ANSWER_WAIT_SECONDS if self.conversation.in_flight else 0.0
+        while True:
+            try:
+                out = self.conversation.receive(timeout=wait)
+            except TimeoutError:
+                return
+            wait = 0.0
+            stats = self.stats
+            stats.recent_step_seconds.append(max(out.stage_seconds.values(), default=0.0))
+            stats.steps += 1
+            self._send(protocol.audio(out.pcm))
+            if out.text:
+                self._send(protocol.text(out.text, out.gate))
+            if stats.steps % self.config.stats_every_steps == 0:
+                self._send(protocol.status(
+                    "stats", rtf=round(stats.real_time_factor(self.frame_seconds), 3),
+                    lag=round(stats.lag_seconds, 3), dropped=stats.dropped_frames, steps=stats.steps,
+                ))
