@@ -112,19 +112,23 @@ def run_serial(conv, frames: list[np.ndarray]) -> dict:
 
 
 def run_pipelined(conv, frames: list[np.ndarray], in_flight: int = 3, rss_every: int = 0) -> dict:
-    outputs, rss = [], {}
+    done, stage_seconds, rss = [], [], {}  # not the answers themselves: a soak must hold nothing per frame
+
+    def take() -> None:
+        out = conv.receive()
+        done.append(out.done_at)
+        stage_seconds.append(out.stage_seconds)
+        if rss_every and len(done) % rss_every == 0:
+            rss[len(done)] = [round(rss_bytes() / 2**20, 1), round(children_rss_bytes() / 2**20, 1)]
+
     for frame in frames:
         while conv.in_flight >= in_flight:
-            outputs.append(conv.receive())
-            if rss_every and len(outputs) % rss_every == 0:
-                rss[len(outputs)] = [round(rss_bytes() / 2**20, 1), round(children_rss_bytes() / 2**20, 1)]
+            take()
         conv.push(frame)
-    while len(outputs) < len(frames):
-        outputs.append(conv.receive())
-    done = np.array([o.done_at for o in outputs])
-    stages = {name: summary([o.stage_seconds[name] for o in outputs[WARMUP_FRAMES:]])
-              for name in outputs[-1].stage_seconds}
-    result = {"period": summary(np.diff(done)[WARMUP_FRAMES:].tolist()), "stages": stages}
+    while len(done) < len(frames):
+        take()
+    stages = {name: summary([s[name] for s in stage_seconds[WARMUP_FRAMES:]]) for name in stage_seconds[-1]}
+    result = {"period": summary(np.diff(np.array(done))[WARMUP_FRAMES:].tolist()), "stages": stages}
     if rss:
         result["rss_mib_at_frame"] = rss  # [this process, Mimi's processes]
     return result

@@ -33,3 +33,13 @@ def test_session_memory_benchmark_loads_a_checkpoint_as_a_user_does():
     # RSS sampled once the window is full (step 24), half way and at the end; growth is measured from the first.
     assert set(result["rss_mb_at_step"]) == {"15", "24", "30"}
     assert result["growth_after_context_mb"] == round(result["rss_mb_at_step"]["30"] - result["rss_mb_at_step"]["24"], 1)
+
+
+def test_conversation_benchmark_reports_serial_pipelined_and_real_time():
+    command = [sys.executable, str(BENCHMARKS / "bench_conversation.py"), "--codec", "fake", "--frames", "12"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["pipelined"]["stages"]) == {"encode", "model", "decode"}
+    assert result["serial"]["period"]["median_ms"] > 0 and result["real_time"]["latency"]["median_ms"] > 0
+    assert result["mimi_waits_for_a_load"] == 0 and result["date"]
