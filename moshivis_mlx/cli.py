@@ -246,6 +246,8 @@ def run_live_mode(args, sd, switches: list[tuple[float, str]]) -> int:
     try:
         return _talk_live(args, sd, conversation)
     finally:
+        if conversation.preparing_image:
+            print("finishing the picture being prepared before exiting...", file=sys.stderr)
         conversation.close()
 
 

@@ -186,6 +186,11 @@ class Conversation:
         return self._pipeline.steps
 
     @property
+    def preparing_image(self) -> bool:
+        """A picture is being embedded; `close` waits for it to finish."""
+        return self._pipeline.preparing_image
+
+    @property
     def error(self) -> BaseException | None:
         """Why the conversation stopped, if a stage failed."""
         return self._pipeline.error

@@ -167,6 +167,7 @@ class FramePipeline:
         self._delivered = 0  # frames answered
         self._received = 0  # answers taken by `receive`
         self._closed = False
+        self._images_pending = 0  # pictures handed to the image thread and not embedded yet
         self.error: BaseException | None = None
         self.steps = 0  # frames answered since the conversation (re)started
         self._pieces: list[str] = []
@@ -211,8 +212,19 @@ class FramePipeline:
         item = _Control("call", lambda: None if image is None else self.model.embed_image(image))
         with self._lock:
             self._check_open()
+            self._images_pending += 1
             self._images.put(item)
+        item.future.add_done_callback(self._image_done)
         return item.future
+
+    def _image_done(self, _future: Future) -> None:
+        with self._lock:
+            self._images_pending -= 1
+
+    @property
+    def preparing_image(self) -> bool:
+        """A picture is being embedded (closing waits for it: MLX work cannot be interrupted)."""
+        return self._images_pending > 0
 
     def receive(self, timeout: float | None = None) -> FrameOutput:
         """The next answered frame, in order (when no `on_frame` listener takes them)."""

@@ -104,10 +104,10 @@ def test_a_picture_is_embedded_while_frames_keep_flowing(talking_model, tokenize
         applied = conv.set_image(features(4), wait=False)
         assert started.wait(60)
         answered = [conv.step(f) for f in question(6)]  # not held up by the picture
-        assert len(answered) == 6 and not applied.done()
+        assert len(answered) == 6 and not applied.done() and conv.preparing_image
         release.set()
         boundary = applied.result(timeout=60)
-        assert boundary == 6
+        assert boundary == 6 and not conv.preparing_image
     finally:
         talking_model.embed_image = real_embed
         release.set()
