@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,10 @@ and answers through your speaker, with a live transcript.
   python -m moshivis_mlx --image photo.jpg --input question.wav --output answer.wav
   python -m moshivis_mlx web     (in the browser: see python -m moshivis_mlx web --help)
 
-Use headphones: there is no echo cancellation, so from loudspeakers the model
-hears itself. While talking, type or drag an image path into the terminal and
-press Enter to switch pictures ("none" for no picture); Ctrl-C ends.
+Loudspeakers work: echo cancellation keeps the model from hearing itself
+(with headphones, --no-echo-cancel saves its CPU). While talking, type or drag
+an image path into the terminal and press Enter to switch pictures ("none" for
+no picture); Ctrl-C ends.
 """
 FEATURES_SUFFIX = ".npy"  # precomputed SigLIP features (num_tokens, width) instead of a picture
 _STATUS_SECONDS = 0.2  # status line refresh period
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
                       help="drop input beyond this delay when the machine is slower than real time (default 0.5)")
     live.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long")
+    live.add_argument("--no-echo-cancel", dest="echo_cancel", action="store_false",
+                      help="do not remove the model's voice from the microphone (fine with headphones)")
     p.add_argument("--transcript", metavar="TXT", help="write what the model said to this file")
     add_model_arguments(p)
     # Debugging aids for tests: a slower machine, and the live statistics as JSON.
@@ -227,7 +231,33 @@ def run_file_mode(args, switches: list[tuple[float, str]]) -> int:
 
 def format_status(stats, frame_seconds: float) -> str:
     return (f"rtf {stats.real_time_factor(frame_seconds):.2f} | lag {stats.lag_seconds:.2f}s | "
-            f"dropped {stats.dropped_frames} | underruns {stats.underruns}")
+            f"dropped {stats.dropped_frames} | underruns {stats.underruns} | {format_echo(stats)}")
+
+
+def format_echo(stats) -> str:
+    """`echo cancel on|off`, and why it may not work: separate clocks, a late speaker signal."""
+    if not stats.echo_cancel:
+        return "echo cancel off"
+    if stats.reference_late:
+        return "echo cancel on, but the speaker signal comes late: echo stays"
+    return "echo cancel on" if stats.duplex else "echo cancel on (separate clocks)"
+
+
+def format_start(stats) -> str:
+    """The line that says the conversation started, with the sound setup."""
+    if stats.duplex:
+        rates = f"{stats.input_rate} Hz, one stream both ways"
+    else:
+        rates = f"{stats.input_rate} Hz in, {stats.output_rate} Hz out"
+    if not stats.echo_cancel:
+        echo = "echo cancellation off: use headphones"
+    elif stats.duplex:
+        echo = "echo cancellation on"
+    else:
+        echo = ("echo cancellation on, but the microphone and speaker run on separate clocks, "
+                "so some echo may get through (headphones with --no-echo-cancel are safest)")
+    return (f"listening ({rates}; {echo}). Talk about the picture. Type or drag an image path and press Enter "
+            "to switch; Ctrl-C to end.")
 
 
 def format_summary(stats) -> str:
@@ -237,7 +267,9 @@ def format_summary(stats) -> str:
         f"{1000 * stats.mean_latency_seconds:.1f} ms (max {1000 * stats.latency_seconds_max:.1f} ms), "
         f"slowest stage {stage or '-'} {1000 * stage_seconds:.1f} ms per frame; "
         f"dropped {stats.dropped_frames} input frames to bound the lag (max lag {stats.max_lag_seconds:.2f} s); "
-        f"{stats.underruns} speaker underruns ({stats.underrun_seconds:.1f} s of silence)"
+        f"{stats.underruns} speaker underruns ({stats.underrun_seconds:.1f} s of silence); "
+        + (f"echo cancellation {1000 * stats.echo_cancel_seconds_per_frame:.2f} ms per frame"
+           if stats.echo_cancel else "echo cancellation off")
     )
 
 
@@ -256,7 +288,10 @@ def _talk_live(args, sd, conversation) -> int:
     from .live import LiveSession
 
     session = LiveSession(conversation, sd, input_device=args.input_device, output_device=args.output_device,
-                          max_lag_seconds=args.max_lag, record=args.record, step_delay=args.debug_step_delay)
+                          max_lag_seconds=args.max_lag, record=args.record, step_delay=args.debug_step_delay,
+                          echo_cancel=args.echo_cancel)
+    # The status line says when the speaker signal comes late; the canceller's warning would break it.
+    warnings.filterwarnings("ignore", message="the speaker signal reaches the echo canceller", category=RuntimeWarning)
     display = LiveDisplay()
 
     def on_path(path: str | None, label: str) -> None:
@@ -274,9 +309,7 @@ def _talk_live(args, sd, conversation) -> int:
     except KeyboardInterrupt:  # during the warm-up
         session.stop()
         raise
-    rates = f"{stats.input_rate} Hz in, {stats.output_rate} Hz out"
-    print(f"listening ({rates}); talk about the picture. Type or drag an image path and press Enter to "
-          "switch; Ctrl-C to end. Use headphones.", file=sys.stderr)
+    print(format_start(stats), file=sys.stderr)
     TypedImageReader(on_path).start()
     try:
         while session.running:
@@ -365,7 +398,7 @@ def _release_mlx() -> None:
 
 
 def _run(args) -> int:
-    from .live import describe_devices, find_device, import_sounddevice
+    from .live import describe_devices, find_device, import_sounddevice, make_canceller
 
     if args.list_devices:
         print(describe_devices(import_sounddevice()))
@@ -374,7 +407,9 @@ def _run(args) -> int:
     switches = parse_image_switches(args.image, file_mode=bool(args.input))
     if args.input:
         return run_file_mode(args, switches)
-    sd = import_sounddevice()  # before loading anything: fail fast without PortAudio or devices
+    sd = import_sounddevice()  # before loading anything: fail fast without PortAudio, devices or livekit
     find_device(sd, args.input_device, "input")
     find_device(sd, args.output_device, "output")
+    if args.echo_cancel:
+        make_canceller(MIMI_SAMPLE_RATE)
     return run_live_mode(args, sd, switches)

@@ -13,6 +13,18 @@ work side by side, see `pipeline`):
     conv.push(pcm_in)                   # returns at once; `play(FrameOutput)` follows
 
 A conversation has no length limit.
+
+Through loudspeakers the microphone also hears the model. Apps that own their
+audio callbacks remove that echo before pushing, with an `EchoCanceller`,
+pairing each microphone frame with exactly what the speaker played while it
+was captured (silence where the output ran dry):
+
+    canceller = EchoCanceller(24000)
+    conv.push(canceller.process(mic_frame, played_frame))
+
+One full-duplex stream pairs them by itself (its callback's input and output
+blocks); with two streams, `echo.PlaybackHistory` pairs them by timestamps.
+`live.LiveSession` does both, at any device rate.
 """
 
 from __future__ import annotations

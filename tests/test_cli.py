@@ -105,6 +105,15 @@ def test_no_input_device(tmp_path):
     assert listing.returncode == 0 and "Speakers" in listing.stdout
 
 
+def test_missing_echo_canceller_is_explained_before_loading_anything(tmp_path):
+    env = write_stub_sounddevice(tmp_path / "stub", NO_MICROPHONE.replace(
+        '"max_input_channels": 0', '"max_input_channels": 1').replace("device = [-1, 0]", "device = [0, 0]"))
+    (tmp_path / "stub" / "livekit").mkdir()
+    (tmp_path / "stub" / "livekit" / "__init__.py").write_text("raise ImportError('No module named livekit.rtc')\n")
+    result = run_cli("--model", tmp_path, env=env)  # the model would fail: the canceller is checked first
+    assert_clean_error(result, "pip install livekit", "--no-echo-cancel")
+
+
 def test_unreadable_and_empty_wav(tmp_path, assets):
     _, weights = assets
     text = tmp_path / "notes.wav"
@@ -158,9 +167,10 @@ def test_arguments_are_checked_first(tmp_path, assets):
     assert run_cli("--model", "m", "-q", "4").returncode == 2  # argparse: one source of weights
 
 
-def test_help_recommends_headphones():
+def test_help_says_loudspeakers_work_and_how_to_turn_echo_cancellation_off():
     result = run_cli("--help")
-    assert result.returncode == 0 and "headphones" in result.stdout.lower()
+    assert result.returncode == 0 and "echo cancellation" in result.stdout and "--no-echo-cancel" in result.stdout
+    assert "use headphones" not in result.stdout.lower()
     assert "--debug-step-delay" not in result.stdout
 
 
