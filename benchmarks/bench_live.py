@@ -85,6 +85,8 @@ def main() -> None:
         "max_latency_ms": round(1000 * stats["latency_seconds_max"], 1),
         "mean_stage_ms": {k: round(1000 * v, 1) for k, v in stats["mean_stage_seconds"].items()},
         "input_overflows": stats["input_overflows"],
+        "drop_times_s": stats["drop_times"],
+        "underrun_times_s": stats["underrun_times"],
         "device": f"JACK dummy {args.rate} Hz, period {args.period}",
         "extra_flags": args.extra,
         "summary": summary,

@@ -41,6 +41,7 @@ _INPUT_QUEUE_BLOCKS = 512  # safety bound on callback blocks not yet taken by th
 _RECENT_STEPS = 25  # steps averaged for the real-time factor on the status line (2 s)
 _POLL_SECONDS = 0.02  # worker wait for new input when idle
 _WARMUP_STEPS = 2  # steps run (and forgotten) before the streams open, so the first real ones are not slow
+_MAX_EVENT_TIMES = 100  # drops and underruns whose times are kept, for diagnosis
 _MAX_IN_FLIGHT = 3  # frames in the conversation at once: one per stage keeps every stage busy
 _MAX_OUTPUT_CHANNELS = 2  # mono is written to both channels of a stereo device
 # Separate streams: the reference is taken this long after the capture time, as the
@@ -140,6 +141,8 @@ class LiveStats:
     output_overflow_seconds: float = 0.0  # answers dropped because the speaker took them too slowly
     lag_seconds: float = 0.0
     max_lag_seconds: float = 0.0
+    drop_times: list = field(default_factory=list)  # seconds since the streams opened, the first few
+    underrun_times: list = field(default_factory=list)
     image_switches: int = 0
     image_switch_frames: list = field(default_factory=list)  # (frame when asked, first frame that saw it)
     echo_cancel: bool = False
@@ -521,6 +524,8 @@ class LiveSession:
             self.stats.played_seconds += taken / self.stats.output_rate
             if taken < frames:
                 self.stats.underruns += 1
+                if len(self.stats.underrun_times) < _MAX_EVENT_TIMES:
+                    self.stats.underrun_times.append(round(self.elapsed(), 2))
                 self.stats.underrun_seconds += (frames - taken) / self.stats.output_rate
         return mono
 
@@ -615,6 +620,8 @@ class LiveSession:
             if drop > 0:
                 self._pending = self._pending[drop * self.frame_size :]
                 self.stats.dropped_frames += drop
+                if len(self.stats.drop_times) < _MAX_EVENT_TIMES:
+                    self.stats.drop_times.append(round(self.elapsed(), 2))
         lag = self._current_lag()
         self.stats.lag_seconds = lag
         self.stats.max_lag_seconds = max(self.stats.max_lag_seconds, lag)
