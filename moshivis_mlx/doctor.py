@@ -23,6 +23,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 FILE_MODE, LIVE_MODE, WEB_PAGE = "file mode", "live mode", "web page"
 EVERY_MODE = frozenset({FILE_MODE, LIVE_MODE, WEB_PAGE})
@@ -112,7 +113,7 @@ def add_versions(report: Report) -> None:
         suffix = f" ({here})" if name == "moshivis_mlx" else ""
         rows.append((name, distribution_version(name) + suffix))
     settings = [f"{name}={os.environ[name]}" for name in _SETTINGS if name in os.environ]
-    rows.append(("settings", " ".join(settings) or "no MOSHIVIS_MLX_* or HF_* variables set"))
+    rows.append(("settings", " ".join(settings) or f"none of {', '.join(_SETTINGS)}"))
 
 
 # -- what every mode needs ---------------------------------------------------------
@@ -231,7 +232,8 @@ def add_allocator(report: Report, rows: list[tuple[str, str]]) -> None:
 
 def add_weights(report: Report) -> None:
     """The weights the CLI picks for this memory, and which of the repository's files are cached."""
-    from .hub import DEFAULT_REPO, LARGE_MEMORY_BYTES, MIMI_FILE, MODEL_FILES, TOKENIZER_FILE, default_bits, total_memory_bytes
+    from .hub import (DEFAULT_REPO, LARGE_MEMORY_BYTES, MIMI_FILE, MODEL_FILES, TOKENIZER_FILE, default_bits,
+                      total_memory_bytes)
 
     rows = report.section("memory and weights")
     memory = total_memory_bytes()
@@ -265,7 +267,7 @@ def add_weights(report: Report) -> None:
         rows.append(("first run", f"downloads {', '.join(missing)}"))
 
 
-def hub_cache():
+def hub_cache() -> tuple[str, bool, Callable[[str, str], Path | None]] | None:
     """(cache directory, offline?, lookup(repo, filename) -> Path | None), or None without huggingface_hub.
 
     The lookup reads the cache only: it never touches the network.
@@ -342,7 +344,8 @@ def add_echo(report: Report) -> None:
         backend = EchoCanceller().backend
     except ImportError as e:
         rows.append(("backend", "none"))
-        report.problems.append(Problem(f"no echo canceller ({e.__cause__ or e}): loudspeakers need headphones",
+        report.problems.append(Problem(f"no echo canceller ({e.__cause__ or e}): use headphones, or the model "
+                                       "hears itself from the loudspeakers",
                                        "pip install livekit"))
         return
     rows.append(("backend", backend))

@@ -129,6 +129,18 @@ def test_without_portaudio_only_live_mode_is_blocked(tmp_path):
     assert "file mode ready, live mode blocked, web page ready" in out
 
 
+def test_without_livekit_and_aiohttp_file_mode_still_runs(tmp_path):
+    fake_snapshot(tmp_path / "hf", [DEFAULT_MODEL, MIMI_FILE, TOKENIZER_FILE])
+    for module in ("livekit.__init__", "aiohttp.__init__"):
+        stand_in(tmp_path / "stand_ins", module, f"raise ImportError('stand-in: no {module[:-9]}')\n")
+    result = run_doctor(tmp_path, tmp_path / "stand_ins")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert row(out, "backend") == "none" and "fix:    pip install livekit" in out
+    assert "! aiohttp cannot be imported (ImportError: stand-in: no aiohttp)\n    blocks: web page" in out
+    assert "result: file mode ready" in out and "web page blocked" in out
+
+
 @pytest.mark.parametrize(
     "module,body,message,fix",
     [
