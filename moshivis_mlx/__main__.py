@@ -1,10 +1,12 @@
-"""`python -m moshivis_mlx [options]` talks; `python -m moshivis_mlx convert ...` converts checkpoints."""
+"""`python -m moshivis_mlx [options]` talks; `python -m moshivis_mlx convert ...` converts checkpoints;
+`python -m moshivis_mlx doctor` says what this machine will do."""
 
 from __future__ import annotations
 
 import sys
 
 CONVERT_COMMAND = "convert"
+DOCTOR_COMMAND = "doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({e}); reinstall the package (pip install -e .)", file=sys.stderr)
             return 1
         return convert_main(argv[1:])
+    if argv and argv[0] == DOCTOR_COMMAND:  # before cli.py, which needs MLX: doctor reports a missing MLX
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     from .cli import main as talk_main
 
     return talk_main(argv)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 import wave
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +28,7 @@ _FORMAT_NAMES = {0x0002: "Microsoft ADPCM", 0x0006: "A-law", 0x0007: "mu-law", 0
 _PCM_WIDTHS = (1, 2, 3, 4)  # bytes per sample
 _FLOAT_WIDTHS = {4: np.float32, 8: np.float64}
 _INT16_SCALE = 32767
+_UNSET_SIZE = 0xFFFFFFFF  # what streaming writers leave in a size they could not go back to fill in
 
 
 class AudioFileError(ValueError):
@@ -35,6 +38,15 @@ class AudioFileError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class TruncatedAudioWarning(UserWarning):
+    """A WAV file holds less audio than its header promises: it is used, but it is shorter than meant."""
+
+
+class _Chunk(NamedTuple):
+    body: bytes  # what the file holds
+    size: int  # what the header promises
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
@@ -56,12 +68,13 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioFileError(path, "WAV file without a 'fmt ' chunk")
     if b"data" not in chunks:
         raise AudioFileError(path, "WAV file without a 'data' chunk (no audio)")
-    fmt_tag, channels, rate, width = _parse_format(path, chunks[b"fmt "])
-    payload = chunks[b"data"]
+    fmt_tag, channels, rate, width = _parse_format(path, chunks[b"fmt "].body)
+    payload = chunks[b"data"].body
     frame_bytes = channels * width
     num_frames = len(payload) // frame_bytes
     if num_frames == 0:
         raise AudioFileError(path, "the WAV file holds no audio (empty 'data' chunk)")
+    _warn_if_truncated(path, chunks[b"data"], frame_bytes, rate)
     raw = payload[: num_frames * frame_bytes]
     if fmt_tag == FORMAT_IEEE_FLOAT:
         samples = np.frombuffer(raw, dtype=np.dtype(_FLOAT_WIDTHS[width]).newbyteorder("<")).astype(np.float32)
@@ -79,16 +92,25 @@ def read_wav_mono(path: str | Path, sample_rate: int) -> np.ndarray:
     return resample(mono, rate, sample_rate)
 
 
-def _chunks(data: bytes) -> dict[bytes, bytes]:
+def _chunks(data: bytes) -> dict[bytes, _Chunk]:
     """The first chunk of each id; a truncated last chunk keeps what is there."""
-    chunks: dict[bytes, bytes] = {}
+    chunks: dict[bytes, _Chunk] = {}
     pos = 12
     while pos + 8 <= len(data):
         chunk_id, size = struct.unpack_from("<4sI", data, pos)
         body = data[pos + 8 : pos + 8 + size]  # streaming writers may leave size unset or too large
-        chunks.setdefault(chunk_id, body)
+        chunks.setdefault(chunk_id, _Chunk(body, size))
         pos += 8 + size + (size & 1)
     return chunks
+
+
+def _warn_if_truncated(path: Path, chunk: _Chunk, frame_bytes: int, rate: int) -> None:
+    """A cut-off download or copy would otherwise pass silently as a shorter question."""
+    if chunk.size == _UNSET_SIZE or len(chunk.body) >= chunk.size:
+        return
+    held, promised = len(chunk.body) // frame_bytes / rate, chunk.size // frame_bytes / rate
+    warnings.warn(f"{path}: the WAV file looks truncated: its header promises {promised:.2f} s of audio, the "
+                  f"file holds {held:.2f} s; using those {held:.2f} s", TruncatedAudioWarning, stacklevel=3)
 
 
 def _parse_format(path: Path, fmt: bytes) -> tuple[int, int, int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import AudioFileError, WavWriter, read_wav_mono, write_text
+from .audio_io import AudioFileError, TruncatedAudioWarning, WavWriter, read_wav_mono, write_text
 from .checkpoint import CheckpointError
 from .conversation import Conversation, IncompatibleModelError
 from .hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
@@ -106,13 +107,9 @@ def parse_image_switches(values: list[str], file_mode: bool) -> list[tuple[float
     """`PATH` or `PATH@SECONDS` -> sorted (seconds, path); every path must exist."""
     switches = []
     for value in values:
-        path, seconds = value, 0.0
-        head, sep, tail = value.rpartition("@")
-        if sep and not Path(value).expanduser().exists():
-            try:
-                path, seconds = head, float(tail)
-            except ValueError:
-                pass
+        path, seconds = split_image_switch(value)
+        if Path(path).expanduser().is_dir():
+            raise UsageError(f"--image {value}: {path} is a directory; give a picture file (or a .npy of features)")
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--image {value}: no such file")
         if seconds < 0:
@@ -124,6 +121,26 @@ def parse_image_switches(values: list[str], file_mode: bool) -> list[tuple[float
     if len({s for s, _ in switches}) != len(switches):
         raise UsageError("two --image switches at the same time")
     return switches
+
+
+def split_image_switch(value: str) -> tuple[str, float]:
+    """`PATH@SECONDS` -> (PATH, SECONDS); `PATH` (even one holding an @) -> (PATH, 0).
+
+    An existing PATH whose @ is followed by something other than a number of
+    seconds is a mistyped time, not a missing file, and is reported as such.
+    """
+    head, sep, tail = value.rpartition("@")
+    if not sep or Path(value).expanduser().exists():
+        return value, 0.0
+    try:
+        seconds = float(tail)
+    except ValueError:
+        seconds = math.nan
+    if math.isfinite(seconds):
+        return head, seconds
+    if Path(head).expanduser().exists():
+        raise UsageError(f"--image {value}: {tail!r} after @ is not a number of seconds (e.g. {head}@2.5)")
+    return value, 0.0
 
 
 def image_argument(path: str):
@@ -207,8 +224,21 @@ def _slowed(embed_image, seconds: float):
 # -- modes -------------------------------------------------------------------------
 
 
+def read_question(path: str) -> np.ndarray:
+    """The question at Mimi's rate; a truncated file is used, and a one-line warning says so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedAudioWarning)
+        pcm = read_wav_mono(path, MIMI_SAMPLE_RATE)
+    for warning in caught:
+        if issubclass(warning.category, TruncatedAudioWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:  # not ours to reformat: shown as Python would have
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return pcm
+
+
 def run_file_mode(args, switches: list[tuple[float, str]]) -> int:
-    pcm = read_wav_mono(args.input, MIMI_SAMPLE_RATE)  # before loading: a bad file fails fast
+    pcm = read_question(args.input)  # before loading: a bad file fails fast
     images = [(path, image_argument(path)) for _, path in switches]
     later = [ImageSwitch(t, image) for (t, _), (_, image) in zip(switches, images) if t > 0]
     if not switches or switches[0][0] > 0:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import struct
+import warnings
 import wave
 
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_io import AudioFileError, WavWriter, read_wav, read_wav_mono, write_wav
+from moshivis_mlx.audio_io import (
+    AudioFileError,
+    TruncatedAudioWarning,
+    WavWriter,
+    read_wav,
+    read_wav_mono,
+    write_wav,
+)
 
 PCM, FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
 
@@ -84,8 +92,29 @@ def test_oversized_data_chunk_keeps_what_is_there(tmp_path):
     path = tmp_path / "stream.wav"
     path.write_bytes(wav_bytes(encoded(16, "pcm") + b"\x01", tag=PCM, channels=1, rate=8000, bits=16,
                                data_size=0xFFFFFFFF))
-    samples, _ = read_wav(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unset size is not a truncated file: no warning
+        samples, _ = read_wav(path)
     assert samples.shape == (len(SIGNAL), 1)  # the odd trailing byte is not half a sample
+
+
+def test_truncated_file_is_read_with_a_warning_naming_it_and_the_seconds(tmp_path):
+    path = tmp_path / "cut.wav"
+    payload = np.zeros(2 * 8000, "<i2").tobytes()  # 1 s of stereo at 8 kHz
+    path.write_bytes(wav_bytes(payload, tag=PCM, channels=2, rate=8000, bits=16, data_size=3 * len(payload)))
+    with pytest.warns(TruncatedAudioWarning) as caught:
+        samples, _ = read_wav(path)
+    assert samples.shape == (8000, 2)
+    message = str(caught[0].message)
+    assert str(path) in message and "promises 3.00 s" in message and "holds 1.00 s" in message
+
+
+def test_complete_file_reads_without_warnings(tmp_path):
+    path = tmp_path / "whole.wav"
+    write_wav(path, np.zeros(800, np.float32), 8000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_wav(path)[0].shape == (800, 1)
 
 
 @pytest.mark.parametrize(
