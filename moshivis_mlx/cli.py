@@ -29,6 +29,7 @@ and answers through your speaker, with a live transcript.
   python -m moshivis_mlx --image photo.jpg
   python -m moshivis_mlx --image photo.jpg --input question.wav --output answer.wav
   python -m moshivis_mlx web     (in the browser: see python -m moshivis_mlx web --help)
+  python -m moshivis_mlx doctor  (what this machine will do, and what to fix)
 
 Loudspeakers work: echo cancellation keeps the model from hearing itself
 (with headphones, --no-echo-cancel saves its CPU). While talking, type or drag
@@ -326,7 +327,8 @@ def _talk_live(args, sd, conversation) -> int:
 
     def on_path(path: str | None, label: str) -> None:
         if path is not None and not Path(path).is_file():
-            display.message(f"no such file: {label}")
+            display.message(f"{label} is a directory: give an image file" if Path(path).is_dir()
+                            else f"no such file: {label}")
             return
         try:
             session.request_image(None if path is None else image_argument(path), label)
