@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Debugging aids for tests: a slower machine, and the live statistics as JSON.
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-image-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-mimi-max-seq-len", type=int, default=None, help=argparse.SUPPRESS)  # renew Mimi often
     p.add_argument("--debug-stats-json", help=argparse.SUPPRESS)
     return p
 
@@ -195,7 +196,8 @@ def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
     files = resolve_files(model=args.model, mimi=args.mimi, tokenizer=args.tokenizer, bits=bits, repo=args.hf_repo)
     which = f"{files.bits}-bit" if files.bits not in (None, BF16) else "bf16" if files.bits == BF16 else "local"
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
-    tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi)  # the quick ones first
+    mimi_limits = {"max_seq_len": args.debug_mimi_max_seq_len} if getattr(args, "debug_mimi_max_seq_len", None) else {}
+    tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi, **mimi_limits)  # the quick ones first
     model = load_model(files.model, dtype=args.dtype)
     if args.debug_image_delay:
         model.embed_image = _slowed(model.embed_image, args.debug_image_delay)

@@ -88,3 +88,25 @@ def test_ten_minute_conversation_memory_stays_flat(talking_model, tokenizer_path
     assert growth < MEMORY_GROWTH_BOUND, f"memory grew by {growth / 2**20:.1f} MiB over 6,500 frames"
     samples, _ = read_wav(tmp_path / "answer.wav")
     assert len(samples) == TEN_MINUTES_FRAMES * conv.frame_size
+
+
+def test_file_mode_in_flight_gives_the_same_answer_as_one_frame_at_a_time(talking_model, mimi_path, tokenizer_path):
+    """Up to 3 frames in the conversation (Mimi and the model side by side) or 1: the same audio and text,
+    bit for bit, with the real codec and a picture switch."""
+    question = speech_like(1.2)
+    switches = [ImageSwitch(0.5, np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32))]
+
+    def answer(in_flight: int) -> tuple[np.ndarray, str]:
+        conv = mv.Conversation(talking_model, mv.load_mimi(mimi_path), load_tokenizer(tokenizer_path),
+                               sampler=mv.SamplerConfig(seed=4))
+        frames: list[np.ndarray] = []
+        try:
+            result = converse_offline(conv, question, tail_seconds=0.4, image_switches=switches,
+                                      on_frame=frames.append, in_flight=in_flight)
+        finally:
+            conv.close()
+        return np.concatenate(frames), result.transcript
+
+    serial, piped = answer(1), answer(3)
+    np.testing.assert_array_equal(serial[0], piped[0])
+    assert serial[1] == piped[1] and np.abs(serial[0]).max() > 0
