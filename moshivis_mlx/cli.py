@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return web_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .live import AudioDeviceError
+    from .devices import AudioDeviceError
 
     try:
         return _run(args)

@@ -305,7 +305,7 @@ def portaudio_fix() -> str:
 
 def add_audio(report: Report) -> None:
     """PortAudio and the devices live mode would open by default."""
-    from .live import AudioDeviceError, import_sounddevice
+    from .devices import AudioDeviceError, import_sounddevice
 
     rows = report.section("audio (live mode)")
     try:
@@ -322,7 +322,7 @@ def add_audio(report: Report) -> None:
 
 
 def add_default_device(report: Report, rows: list[tuple[str, str]], sd, kind: str) -> None:
-    from .live import AudioDeviceError, find_device
+    from .devices import AudioDeviceError, find_device
 
     try:
         index = find_device(sd, None, kind)
