@@ -10,7 +10,7 @@ matmuls.
 Which one: every Linear of a step multiplies one row, and OpenBLAS 0.3.21
 packs the whole weight for each such product unless its small-matrix kernel
 takes it (x86-64 cores with AVX-512: SkylakeX, Cooperlake, Sapphire Rapids),
-which `layers.Linear` arranges by splitting the weight into row blocks. So
+which `cpu_layers.CpuLinear` arranges by splitting the weight into row blocks. So
 OpenBLAS is used where the core it picks has that kernel (it also embeds an
 image faster: SigLIP 17 s vs 21 s), and BLIS, when installed, everywhere else:
 on an AMD Zen core without AVX-512 the full-size float32 depformer takes 625 ms
