@@ -195,6 +195,18 @@ def dtype_from_name(dtype: str) -> mx.Dtype:
     return DTYPES[dtype]
 
 
+def dtype_name(dtype: "str | mx.Dtype") -> str:
+    """"auto", a name of DTYPES, or an mx.Dtype among them -> its name."""
+    if isinstance(dtype, mx.Dtype):
+        names = [name for name, value in DTYPES.items() if value == dtype]
+        if not names:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES) + [AUTO_DTYPE]}, got {dtype}")
+        return names[0]
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
+    return dtype
+
+
 def resolve_dtype(dtype: str, quantized: bool, path: PlatformPath | None = None) -> str:
     """The compute dtype for `dtype="auto"` on `path` (default: `choose_platform_path()`):
     bf16, except quantized models on the CPU path (see `PlatformPath`).
@@ -218,6 +230,25 @@ def float32_parts_dtype(requested: str, quantized: bool, path: PlatformPath | No
     """
     path = path or choose_platform_path()
     return "float32" if requested == AUTO_DTYPE and not quantized and path.float32_parts else None
+
+
+def read_model_config(config: "ModelConfig | dict | str | Path | None") -> ModelConfig | None:
+    """`load`'s `config`: a ModelConfig, a dict as config.json holds it, or the path of a config.json."""
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, dict):
+        try:
+            return ModelConfig.from_dict(config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid model config ({e})") from None
+    if isinstance(config, (str, Path)):
+        path = Path(config).expanduser()
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointError(path, "no such config file")
+        return read_config(path)
+    raise TypeError(f"config must be a ModelConfig, a dict or the path of a config.json, got {type(config).__name__}")
 
 
 def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):
@@ -263,8 +294,8 @@ def prepare(
 
 def load(
     path: str | Path,
-    dtype: str = AUTO_DTYPE,
-    config: ModelConfig | None = None,
+    dtype: "str | mx.Dtype" = AUTO_DTYPE,
+    config: "ModelConfig | dict | str | Path | None" = None,
     *,
     bits: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
@@ -274,9 +305,11 @@ def load(
     """Load a MoshiVis checkpoint: a file or a directory (model.safetensors + config.json).
 
     Any released layout is accepted (official PyTorch, upstream MLX bf16/q4/q8,
-    this project's). `dtype` is the compute dtype: float weights, and the
-    scales of quantized ones, are cast to it; "auto" picks bfloat16, or
-    float32 for a quantized model on a CPU (see `resolve_dtype`). `bits` quantizes a float
+    this project's). `dtype` is the compute dtype, a name or an mx.Dtype: float
+    weights, and the scales of quantized ones, are cast to it; "auto" picks
+    bfloat16, or float32 for a quantized model on a CPU (see `resolve_dtype`).
+    `config` (default: the config.json next to the weights) is a ModelConfig,
+    a dict or the path of a config.json. `bits` quantizes a float
     checkpoint on load with the default mixed policy (see `quantize.py`);
     `policy` gives full control instead. Tensors are read and quantized one at
     a time, so memory never holds the float and the quantized model together.
@@ -287,8 +320,8 @@ def load(
     modules, and with "auto" the depformer, the cross-attention and its gates
     of an unquantized model in float32 (see `MoshiVis.float32_on_cpu_parts`).
     """
-    if dtype != AUTO_DTYPE:
-        dtype_from_name(dtype)
+    dtype = dtype_name(dtype)
+    config = read_model_config(config)
     policy = quantization_request(bits, group_size, policy)
     platform = choose_platform_path()
     ckpt = open_checkpoint(path, config)
