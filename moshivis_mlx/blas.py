@@ -166,15 +166,6 @@ def status() -> BlasStatus:
     return BlasStatus(False, None, f"MLX is using its slow reference BLAS; {INSTALL_HINT}")
 
 
-def float32_matmuls_are_faster() -> bool:
-    """True when MLX computes on the CPU with an optimized BLAS: float32 matmuls
-    reach BLAS there and run ~10x faster than MLX's own bf16 ones, so work done
-    once (an image) is better computed in float32 from bf16 weights."""
-    import mlx.core as mx  # only when asked: importing this module must not load MLX
-
-    return mx.default_device() == mx.cpu and status().optimized
-
-
 # OpenBLAS's small-matrix kernels (x86-64 builds for SkylakeX and later cores)
 # multiply a weight directly when the product has at most 10^6 multiply-adds and
 # at most 1,200 output columns; past that, OpenBLAS 0.3.21 first packs the whole
