@@ -81,7 +81,7 @@ class CpuLinear(nn.Linear):
 
     `x @ W.T` puts a Transpose into the graph at every call: ~400 per step.
     `keep_transposed_weights` stores the transposed weight as a view (no copy:
-    it shares the weight's memory). On a CPU it also keeps views of blocks of
+    it shares the weight's memory). It also keeps views of blocks of
     weight rows, each multiplied on its own CPU stream, so that a large
     product runs on every core (`cores`): for bf16 and float16 weights, which
     MLX multiplies itself on one thread, and where OpenBLAS multiplies one row
@@ -96,11 +96,11 @@ class CpuLinear(nn.Linear):
         weight = self["weight"]
         out_features, in_features = weight.shape
         one_row = core = None
-        if mx.default_device() == mx.cpu and weight.dtype == mx.float32:
+        if weight.dtype == mx.float32:
             rows = one_row_block_rows(in_features, out_features)
             if rows:
                 one_row = row_blocks(weight, [(i, min(i + rows, out_features)) for i in range(0, out_features, rows)])
-        else:  # a single stream (a GPU, or MOSHIVIS_MLX_CPU_STREAMS=1) gives no bounds
+        else:  # a single stream (MOSHIVIS_MLX_CPU_STREAMS=1) gives no bounds
             bounds = split_rows(out_features, in_features, len(cpu_streams()))
             core = row_blocks(weight, bounds) if bounds else None
         kept = KeptViews(weight, weight.T, one_row, core)
