@@ -50,7 +50,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from moshivis_mlx.config import VisionConfig  # noqa: E402
+from moshivis_mlx.cpu_model import VISION_COUNTERPARTS, to_cpu_counterparts  # noqa: E402
 from moshivis_mlx.image import preprocess  # noqa: E402
+from moshivis_mlx.platform_path import CPU, choose_platform_path  # noqa: E402
 from moshivis_mlx.siglip import (  # noqa: E402
     SiglipVisionTower,
     is_quantizable_vision_layer,
@@ -65,6 +67,7 @@ VARIANTS = {  # name: (weight dtype, compute dtype, quantization bits, plain nn.
     "q8-qmm": (mx.float32, mx.float32, 8, True),
 }
 QUANT_GROUP = 64
+PATH = choose_platform_path()  # MOSHIVIS_MLX_FORCE_GPU_PATH=1: what a GPU runs
 PHOTO_SIZE = (1080, 1920)  # a typical photo, to time decoding + resizing
 
 
@@ -87,6 +90,8 @@ def build_tower(cfg: VisionConfig, weight_dtype: mx.Dtype, bits: int | None, pla
         mx.clear_cache()
     mx.eval(tower.parameters())
     mx.clear_cache()
+    if PATH.kind == CPU and not plain:  # as `load` does: the CPU counterparts (q8: dequantize + BLAS)
+        tower = to_cpu_counterparts(tower, VISION_COUNTERPARTS)
     return tower
 
 

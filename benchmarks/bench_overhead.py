@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from bench_step import dispatch_config, random_weights  # noqa: E402
+from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 
 
 def chain(kind: str, length: int):
@@ -92,6 +93,7 @@ def dispatch_stream(image: bool) -> tuple[mv.Stream, np.ndarray]:
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
     random_weights(model, mx.float32)
+    apply_platform_path(model, choose_platform_path())  # as `load` does
     features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width)) if image else None
     return mv.Stream(model, features, sampler=mv.SamplerConfig(seed=0)), np.zeros(cfg.num_user_codebooks, np.int32)
 

@@ -43,6 +43,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -107,7 +108,7 @@ def dispatch_model() -> mv.MoshiVis:
     mx.random.seed(0)
     model = mv.MoshiVis(dispatch_config())
     random_weights(model, mx.float32)
-    return model
+    return apply_platform_path(model, choose_platform_path())  # as `load` does
 
 
 def memory(steps: int, checkpoint: str | None) -> dict:

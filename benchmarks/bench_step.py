@@ -43,8 +43,11 @@ import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from moshivis_mlx.cores import cpu_streams  # noqa: E402
-from moshivis_mlx.layers import keep_transposed_weights, visible_slots  # noqa: E402
+from moshivis_mlx.layers import visible_slots  # noqa: E402
 from moshivis_mlx.loading import float32_parts_dtype  # noqa: E402
+from moshivis_mlx.platform_path import CPU, apply_platform_path, choose_platform_path  # noqa: E402
+
+PATH = choose_platform_path()  # as `load` chooses it (MOSHIVIS_MLX_FORCE_GPU_PATH=1: what a GPU runs)
 
 
 def dispatch_config() -> mv.ModelConfig:
@@ -120,7 +123,6 @@ def time_pipelined(stream: mv.Stream, user: np.ndarray, steps: int) -> float:
 def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) -> dict[str, float]:
     """Median ms of each part of a step, each compiled and run on its own."""
     cfg = model.cfg
-    keep_transposed_weights(model)  # as a Stream does
     window = model.transformer.make_cache(model.dtype)
     offset = mx.array(min(steps, cfg.context - 1))
     visible = cfg.context
@@ -164,6 +166,8 @@ def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) ->
 
 
 def depformer_only(dtype: str, steps: int) -> dict:
+    from moshivis_mlx.cpu_layers import keep_transposed_weights
+    from moshivis_mlx.cpu_model import to_cpu_counterparts
     from moshivis_mlx.depformer import Depformer
 
     cfg = mv.moshika_vis()
@@ -171,7 +175,9 @@ def depformer_only(dtype: str, steps: int) -> dict:
     random_weights(depformer, mx.bfloat16)  # as stored; then computed in `dtype`
     depformer.set_dtype(getattr(mx, dtype))
     mx.eval(depformer.parameters())
-    keep_transposed_weights(depformer)  # as a Stream does
+    if PATH.kind == CPU:  # as `load` does
+        depformer = to_cpu_counterparts(depformer)
+        keep_transposed_weights(depformer)
     sampler = mv.SamplerConfig()
     keys = mx.random.split(mx.random.key(0), 1 + cfg.num_generated_codebooks)
     frame = mx.compile(lambda x, token: depformer(x, token, lambda logits, k: sampler.audio(logits, keys[1 + k])))
@@ -242,6 +248,7 @@ def main() -> None:
         result["blas"] = BLAS.library or "bundled reference BLAS"
         result["malloc"] = malloc_status()
         result["cpu_streams"] = len(cpu_streams())
+        result["platform_path"] = PATH.kind + (" (forced)" if PATH.forced else "")
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
     if args.mode == "dispatch":
@@ -259,6 +266,7 @@ def main() -> None:
         for part in model.float32_on_cpu_parts():
             part.set_dtype(getattr(mx, parts))
             mx.eval(part.parameters())
+    apply_platform_path(model, PATH)  # as `load` does
     image = None if args.no_image else mx.random.normal((cfg.vision.num_tokens, cfg.vision.width))
     stream = mv.Stream(model, image, sampler=mv.SamplerConfig(seed=0), compiled=not args.eager)
     user = np.zeros(cfg.num_user_codebooks, np.int32)
@@ -297,6 +305,7 @@ def main() -> None:
         "blas": BLAS.library or "bundled reference BLAS",
         "malloc": malloc_status(),
         "cpu_streams": len(cpu_streams()),
+        "platform_path": PATH.kind + (" (forced)" if PATH.forced else ""),
     }
     if args.components:
         del stream  # its 1.6 GB window: the parts get a window of their own

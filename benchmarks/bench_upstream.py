@@ -43,6 +43,7 @@ import mlx.core as mx  # noqa: E402
 import moshivis_mlx as mv  # noqa: E402
 from moshivis_mlx.cores import cpu_streams  # noqa: E402
 from bench_step import dispatch_config, random_weights  # noqa: E402
+from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 
 
 def upstream_model(cfg: mv.ModelConfig, dtype: mx.Dtype):
@@ -110,6 +111,7 @@ def main() -> None:
     mx.random.seed(0)
     ours = mv.MoshiVis(cfg)
     random_weights(ours, dtype)
+    apply_platform_path(ours, choose_platform_path())  # as `load` does
     stream = mv.Stream(ours, None, sampler=mv.SamplerConfig(seed=0))
     upstream = upstream_model(cfg, dtype)
     text_sampler = sampling.Sampler(temp=0.45, top_k=25)

@@ -10,7 +10,7 @@ matmuls.
 Which one: every Linear of a step multiplies one row, and OpenBLAS 0.3.21
 packs the whole weight for each such product unless its small-matrix kernel
 takes it (x86-64 cores with AVX-512: SkylakeX, Cooperlake, Sapphire Rapids),
-which `layers.Linear` arranges by splitting the weight into row blocks. So
+which `cpu_layers.CpuLinear` arranges by splitting the weight into row blocks. So
 OpenBLAS is used where the core it picks has that kernel (it also embeds an
 image faster: SigLIP 17 s vs 21 s), and BLIS, when installed, everywhere else:
 on an AMD Zen core without AVX-512 the full-size float32 depformer takes 625 ms
@@ -164,15 +164,6 @@ def status() -> BlasStatus:
     if library:
         return BlasStatus(True, library, f"optimized BLAS in use: {library}")
     return BlasStatus(False, None, f"MLX is using its slow reference BLAS; {INSTALL_HINT}")
-
-
-def float32_matmuls_are_faster() -> bool:
-    """True when MLX computes on the CPU with an optimized BLAS: float32 matmuls
-    reach BLAS there and run ~10x faster than MLX's own bf16 ones, so work done
-    once (an image) is better computed in float32 from bf16 weights."""
-    import mlx.core as mx  # only when asked: importing this module must not load MLX
-
-    return mx.default_device() == mx.cpu and status().optimized
 
 
 # OpenBLAS's small-matrix kernels (x86-64 builds for SkylakeX and later cores)

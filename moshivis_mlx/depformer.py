@@ -9,17 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import (
-    FusedQKVAttention,
-    GatedFFN,
-    Linear,
-    add_linear,
-    attend,
-    embed_one,
-    fused_attention,
-    make_norm,
-    merge_heads,
-)
+from .layers import FusedQKVAttention, GatedFFN, embed_one, make_norm, merge_heads
 
 # (logits (1, audio_card), codebook index k) -> token (1,)
 Sampler = Callable[[mx.array, int], mx.array]
@@ -28,29 +18,15 @@ Sampler = Callable[[mx.array, int], mx.array]
 class DepformerAttention(FusedQKVAttention):
     """Attention over the current frame's earlier depformer steps (no positions)."""
 
-    def input_gain(self) -> float:
-        """What the norm before `in_proj` multiplies by.
-
-        Where attention is written out (see `fused_attention`), sqrt(scale):
-        q and k then carry the attention scale between them, v carries
-        sqrt(scale) too, and the output product's `alpha` takes it back out,
-        so no operation of its own applies the scale. 1 with a fused kernel.
-        """
-        return 1.0 if fused_attention() else self.scale**0.5
-
-    def __call__(self, x: mx.array, residual: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
-        """`residual` + attention of one step `x` (1, dim), normed with
-        `input_gain()`, over this frame's earlier steps; appends this step's
-        (k, v) to `past`."""
-        heads, gain = self.num_heads, self.input_gain()
-        q, k, v = mx.split(self.in_proj(x).reshape(1, 3 * heads, 1, self.head_dim), 3, axis=1)
+    def __call__(self, x: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
+        """Attention of one step `x` (1, dim), normed, over this frame's earlier
+        steps; appends this step's (k, v) to `past`."""
+        q, k, v = mx.split(self.in_proj(x).reshape(1, 3 * self.num_heads, 1, self.head_dim), 3, axis=1)
         past.append((k, v))
-        if len(past) == 1:  # one key: its softmax weight is exactly 1, so attention returns v
-            return add_linear(residual, self.out_proj, merge_heads(v, 2), alpha=1 / gain)
         keys = mx.concatenate([p[0] for p in past], axis=2)
         values = mx.concatenate([p[1] for p in past], axis=2)
-        y = attend(q, keys, values, self.scale if gain == 1.0 else 1.0)  # else q and k carry it
-        return add_linear(residual, self.out_proj, merge_heads(y, 2), alpha=1 / gain)
+        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
+        return self.out_proj(merge_heads(y, 2))
 
 
 class DepformerStepLayer(nn.Module):
@@ -70,7 +46,7 @@ class DepformerStep(nn.Module):
         dep = cfg.depformer
         self.emb = nn.Embedding(token_vocab, dep.dim)
         self.layers = [DepformerStepLayer(dep.dim, dep.num_heads, dep.ffn_hidden) for _ in range(dep.num_layers)]
-        self.linear_out = Linear(dep.dim, cfg.audio_card, bias=False)
+        self.linear_out = nn.Linear(dep.dim, cfg.audio_card, bias=False)
 
 
 class DepformerNorms(nn.Module):
@@ -89,7 +65,7 @@ class Depformer(nn.Module):
         dep = cfg.depformer
         self.cfg = cfg
         # The 8 per-step input projections of the temporal output, fused into one matmul.
-        self.input_proj = Linear(cfg.dim, dep.num_steps * dep.dim, bias=False)
+        self.input_proj = nn.Linear(cfg.dim, dep.num_steps * dep.dim, bias=False)
         self.layers = [DepformerNorms(cfg) for _ in range(dep.num_layers)]
         self.steps = [
             DepformerStep(cfg, (cfg.text_card if k == 0 else cfg.audio_card) + 1) for k in range(dep.num_steps)
@@ -112,8 +88,8 @@ class Depformer(nn.Module):
         for k, step in enumerate(self.steps):
             x = inputs[k] + embed_one(step.emb, token)  # (1, d)
             for norms, weights, layer_past in zip(self.layers, step.layers, past):
-                x = weights.self_attn(norms.norm1(x, weights.self_attn.input_gain()), x, layer_past)
-                x = weights.gating.residual(x, norms.norm2(x))
+                x = x + weights.self_attn(norms.norm1(x), layer_past)
+                x = x + weights.gating(norms.norm2(x))
             step_logits = step.linear_out(x)  # (1, audio_card)
             token = sampler(step_logits, k)
             tokens.append(token)

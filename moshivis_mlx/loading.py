@@ -22,6 +22,7 @@ from .layouts import (
     from_upstream_mlx,
 )
 from .model import MoshiVis
+from .platform_path import PlatformPath, apply_platform_path, choose_platform_path
 from .siglip import use_vision_kernels
 from .quantize import (
     DEFAULT_GROUP_SIZE,
@@ -194,37 +195,60 @@ def dtype_from_name(dtype: str) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def resolve_dtype(dtype: str, quantized: bool) -> str:
-    """The compute dtype for `dtype="auto"`: bf16, except quantized models on a CPU.
+def dtype_name(dtype: "str | mx.Dtype") -> str:
+    """"auto", a name of DTYPES, or an mx.Dtype among them -> its name."""
+    if isinstance(dtype, mx.Dtype):
+        names = [name for name, value in DTYPES.items() if value == dtype]
+        if not names:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES) + [AUTO_DTYPE]}, got {dtype}")
+        return names[0]
+    if dtype != AUTO_DTYPE:
+        dtype_from_name(dtype)
+    return dtype
 
-    MLX's CPU quantized matmul is ~9x faster with float32 activations and
-    scales than with bf16 (and as fast as a bf16 matmul), while on a GPU bf16
-    is the fast path. Unquantized models keep bf16 everywhere: float32 would
-    double their memory.
-    """
+
+def resolve_dtype(dtype: str, quantized: bool, path: PlatformPath | None = None) -> str:
+    """The compute dtype for `dtype="auto"` on `path` (default: `choose_platform_path()`):
+    bf16, except quantized models on the CPU path (see `PlatformPath`).
+    Unquantized models keep bf16 everywhere: float32 would double their memory."""
     if dtype != AUTO_DTYPE:
         dtype_from_name(dtype)
         return dtype
-    return "float32" if (quantized and _on_cpu()) else "bfloat16"
+    path = path or choose_platform_path()
+    return path.quantized_activations if quantized else "bfloat16"
 
 
-def float32_parts_dtype(requested: str, quantized: bool) -> str | None:
+def float32_parts_dtype(requested: str, quantized: bool, path: PlatformPath | None = None) -> str | None:
     """What `dtype="auto"` computes the depformer, the cross-attention and its
     gates of an unquantized model in, if not the model's dtype.
 
-    On a CPU with an optimized BLAS, float32 (see `MoshiVis.float32_on_cpu_parts`):
+    On the CPU path with an optimized BLAS, float32 (see `MoshiVis.float32_on_cpu_parts`):
     1.7 GB more memory, the full-size depformer ~3x faster. On MLX's bundled
     reference BLAS, float32 products are slower than its bf16 ones (full-size
     step 17.5 s against 12.7 s here), and on a GPU bf16 is the fast path: bf16
     throughout there.
     """
-    from .blas import float32_matmuls_are_faster
+    path = path or choose_platform_path()
+    return "float32" if requested == AUTO_DTYPE and not quantized and path.float32_parts else None
 
-    return "float32" if requested == AUTO_DTYPE and not quantized and float32_matmuls_are_faster() else None
 
-
-def _on_cpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.cpu
+def read_model_config(config: "ModelConfig | dict | str | Path | None") -> ModelConfig | None:
+    """`load`'s `config`: a ModelConfig, a dict as config.json holds it, or the path of a config.json."""
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, dict):
+        try:
+            return ModelConfig.from_dict(config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid model config ({e})") from None
+    if isinstance(config, (str, Path)):
+        path = Path(config).expanduser()
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointError(path, "no such config file")
+        return read_config(path)
+    raise TypeError(f"config must be a ModelConfig, a dict or the path of a config.json, got {type(config).__name__}")
 
 
 def quantization_request(bits: int | None, group_size: int, policy: QuantizationPolicy | None):
@@ -270,8 +294,8 @@ def prepare(
 
 def load(
     path: str | Path,
-    dtype: str = AUTO_DTYPE,
-    config: ModelConfig | None = None,
+    dtype: "str | mx.Dtype" = AUTO_DTYPE,
+    config: "ModelConfig | dict | str | Path | None" = None,
     *,
     bits: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
@@ -281,30 +305,34 @@ def load(
     """Load a MoshiVis checkpoint: a file or a directory (model.safetensors + config.json).
 
     Any released layout is accepted (official PyTorch, upstream MLX bf16/q4/q8,
-    this project's). `dtype` is the compute dtype: float weights, and the
-    scales of quantized ones, are cast to it; "auto" picks bfloat16, or
-    float32 for a quantized model on a CPU (see `resolve_dtype`). `bits` quantizes a float
+    this project's). `dtype` is the compute dtype, a name or an mx.Dtype: float
+    weights, and the scales of quantized ones, are cast to it; "auto" picks
+    bfloat16, or float32 for a quantized model on a CPU (see `resolve_dtype`).
+    `config` (default: the config.json next to the weights) is a ModelConfig,
+    a dict or the path of a config.json. `bits` quantizes a float
     checkpoint on load with the default mixed policy (see `quantize.py`);
     `policy` gives full control instead. Tensors are read and quantized one at
     a time, so memory never holds the float and the quantized model together.
-    `lazy=True` checks every name and shape but reads no tensor data. On a
-    CPU, "auto" computes the depformer, the cross-attention and its gates of
-    an unquantized model in float32 (see `MoshiVis.float32_on_cpu_parts`).
+    `lazy=True` checks every name and shape but reads no tensor data.
+
+    The model then runs the path chosen for this device (`platform_path`,
+    recorded as `model.platform_path`): on a CPU, the CPU counterparts of its
+    modules, and with "auto" the depformer, the cross-attention and its gates
+    of an unquantized model in float32 (see `MoshiVis.float32_on_cpu_parts`).
     """
-    if dtype != AUTO_DTYPE:
-        dtype_from_name(dtype)
+    dtype = dtype_name(dtype)
+    config = read_model_config(config)
     policy = quantization_request(bits, group_size, policy)
+    platform = choose_platform_path()
     ckpt = open_checkpoint(path, config)
     quantized = policy is not None or ckpt.quantization is not None
-    compute_dtype = resolve_dtype(dtype, quantized)
+    compute_dtype = resolve_dtype(dtype, quantized, platform)
     model, weights, _ = prepare(ckpt, compute_dtype, policy)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     model.eval()
-    if (parts_dtype := float32_parts_dtype(dtype, quantized)) is not None:
-        for part in model.float32_on_cpu_parts():
-            part.set_dtype(dtype_from_name(parts_dtype))
     if not lazy:
         for _, value in tree_flatten(model.parameters()):
             mx.eval(value)  # one tensor at a time bounds the peak when quantizing on load
-    return model
+    float32_parts = float32_parts_dtype(dtype, quantized, platform) is not None
+    return apply_platform_path(model, platform, float32_parts=float32_parts, evaluate=not lazy)

@@ -9,7 +9,8 @@ import mlx.nn as nn
 from .config import NORM_MEAN_SQUARE, ModelConfig
 from .depformer import Depformer
 from .image import FIT_STRETCH, ImageSource, preprocess
-from .layers import Linear, RMSNorm, embed_one, make_norm
+from .layers import RMSNorm, embed_one, make_norm
+from .platform_path import GPU_PATH, PlatformPath
 from .sampling import SamplerConfig
 from .siglip import SiglipVisionTower, quantize_vision_tower
 from .temporal import ImageKV, TemporalTransformer
@@ -41,10 +42,12 @@ class MoshiVis(nn.Module):
         self.audio_embs = [nn.Embedding(cfg.audio_card + 1, cfg.dim) for _ in range(cfg.num_audio_codebooks)]
         self.transformer = TemporalTransformer(cfg)
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.text_linear = Linear(cfg.dim, cfg.text_card, bias=False)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = Depformer(cfg)
         self.image_prefix = ImageProjection(cfg)
         self.vision = SiglipVisionTower(cfg.vision)
+        # What a GPU runs until `platform_path.apply_platform_path` says otherwise (`load` does).
+        self.platform_path: PlatformPath = GPU_PATH
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -84,15 +87,23 @@ class MoshiVis(nn.Module):
         return ImageKV(kv.keys.astype(stored), kv.values.astype(stored))
 
     def _image_kv_compute_dtype(self) -> mx.Dtype:
-        """float32 on a CPU with a fast BLAS, else the model's dtype.
+        """The platform path's image dtype (float32 on a CPU with a fast BLAS), else the model's.
 
         Projecting 1024 image tokens (1152 -> 4096 -> 2 x 4096) is ~80 GFLOP:
         20-23 s through MLX's CPU bf16 matmul, 1.1 s through BLAS in float32
         (full size, here). Once per image, so the upcast weights are transient.
         """
-        from .blas import float32_matmuls_are_faster
+        image_dtype = self.platform_path.image_dtype
+        return getattr(mx, image_dtype) if image_dtype else self.dtype
 
-        return mx.float32 if float32_matmuls_are_faster() else self.dtype
+    def vision_compute_dtype(self) -> mx.Dtype:
+        """What SigLIP computes in: the platform path's image dtype, else the tower's weights' dtype.
+
+        On a CPU only float32 matmuls reach BLAS, ~10x faster than MLX's own
+        bf16 ones; bf16 weights are then upcast one matrix at a time.
+        """
+        image_dtype = self.platform_path.image_dtype
+        return getattr(mx, image_dtype) if image_dtype else self.vision.dtype
 
     def encode_image(
         self,
@@ -107,7 +118,7 @@ class MoshiVis(nn.Module):
         `image_size` (default: the encoder's native size, 448 for the release)
         may differ from the native size: the position embeddings are then
         interpolated as the official encoder does. `dtype` is the compute dtype
-        of the tower (default: `SiglipVisionTower.default_compute_dtype`).
+        of the tower (default: `vision_compute_dtype`).
         """
         size = image_size or self.cfg.vision.image_size
         if size < self.cfg.vision.patch_size:
@@ -115,7 +126,7 @@ class MoshiVis(nn.Module):
         if isinstance(image, mx.array):
             image = np.array(image)
         pixels = mx.array(preprocess(image, size, fit))[None]
-        return self.vision(pixels.astype(dtype or self.vision.default_compute_dtype()))[0]
+        return self.vision(pixels.astype(dtype or self.vision_compute_dtype()))[0]
 
     def embed_image(
         self,

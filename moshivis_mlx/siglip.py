@@ -150,19 +150,6 @@ class SiglipVisionTower(nn.Module):
         """The dtype of its float weights (the position table is never quantized)."""
         return self.embeddings.position_embedding.weight.dtype
 
-    def default_compute_dtype(self) -> mx.Dtype:
-        """float32 on the CPU when it has a fast BLAS, else the weights' dtype.
-
-        On the CPU only float32 matmuls reach BLAS: with OpenBLAS (or Apple's
-        Accelerate) they are ~10x faster than MLX's own bf16 matmuls, and bf16
-        weights are then upcast one matrix at a time. With the reference BLAS
-        of MLX's Linux wheel, float32 is ~2x slower than bf16, so bf16 weights
-        compute in bf16. On a GPU the weights' dtype is used.
-        """
-        from .blas import float32_matmuls_are_faster
-
-        return mx.float32 if float32_matmuls_are_faster() else self.dtype
-
     def __call__(self, pixels: mx.array) -> mx.array:
         """(B, H, W, 3) normalised to [-1, 1] -> last hidden state (B, N, width).
 
@@ -212,14 +199,10 @@ def is_quantizable_vision_layer(path: str, module: nn.Module) -> bool:
 class VisionQuantizedLinear(nn.QuantizedLinear):
     """A quantized Linear of the vision tower, in MLX's affine format.
 
-    Two differences from nn.QuantizedLinear:
-    * Input widths that are not a multiple of the group size are padded with
-      zero columns (So400m's fc2 has 4304 = 67.25 x 64 inputs, which MLX
-      cannot quantize as is); the padding never reaches the result.
-    * The tower multiplies 1024 rows at once. MLX's CPU quantized matmul does
-      not use BLAS and runs such products ~40x slower than dequantizing the
-      weight (a transient float copy of one matrix) and calling BLAS, so on the
-      CPU it does that; on a GPU it uses `mx.quantized_matmul`.
+    Input widths that are not a multiple of the group size are padded with
+    zero columns (So400m's fc2 has 4304 = 67.25 x 64 inputs, which MLX cannot
+    quantize as is); the padding never reaches the result. On a CPU,
+    `cpu_model.CpuVisionQuantizedLinear` takes its place.
     """
 
     def __init__(
@@ -259,15 +242,9 @@ class VisionQuantizedLinear(nn.QuantizedLinear):
         return new
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
-            if self.padding:
-                x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.padding)])
-            return super().__call__(x)
-        weight = mx.dequantize(
-            self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, mode=self.mode
-        )
-        y = x @ weight[:, : self.input_dims].astype(x.dtype).T
-        return y + self["bias"].astype(x.dtype) if "bias" in self else y
+        if self.padding:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.padding)])
+        return super().__call__(x)
 
 
 def quantize_vision_tower(tower: SiglipVisionTower, bits: int = 8, group_size: int = 64) -> None:
@@ -286,7 +263,7 @@ def quantize_vision_tower(tower: SiglipVisionTower, bits: int = 8, group_size: i
 def use_vision_kernels(tower: SiglipVisionTower) -> None:
     """Turn plain nn.QuantizedLinear layers of the tower (as a generic quantization
     policy makes them) into VisionQuantizedLinear: same parameters, so weights
-    load as before, but BLAS-speed products on the CPU."""
+    load as before, and the CPU counterpart can take their place."""
 
     def convert(path: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.QuantizedLinear) and not isinstance(module, VisionQuantizedLinear):

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import TEXT_PADDING_IDS
 from .image import ImageSource
-from .layers import KVWindow, keep_transposed_weights, visible_slots, window_full
+from .layers import KVWindow, visible_slots, window_full
 from .sampling import RepetitionPenalty, SamplerConfig
 from .temporal import ImageKV
 
@@ -85,7 +85,6 @@ class Stream:
         )
         # One function per (cross-attention on?, visible window slots, window full?).
         self._frame_fns: dict[tuple[bool, int, bool], Callable] = {}
-        keep_transposed_weights(model)
         self._no_gate = mx.zeros((), mx.float32)  # the gate of a step without the image
         # The text that step t outputs was sampled this many steps earlier: its gate is kept until then.
         self._text_lag = cfg.max_delay - int(self._delays[0])

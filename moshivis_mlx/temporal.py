@@ -12,13 +12,8 @@ from .config import ModelConfig
 from .layers import (
     FusedQKVAttention,
     GatedFFN,
-    InterleavedRoPE,
     KVWindow,
-    Linear,
     RMSNorm,
-    add_linear,
-    attend,
-    fused_attention,
     merge_heads,
     split_heads,
     visible_slots,
@@ -37,41 +32,36 @@ class StepPosition:
 
     slot: mx.array  # (1,) window slot of this step
     valid: mx.array | None  # (visible,) bool: slots that hold a key; None once all do
-    cos: mx.array  # RoPE tables of this step for the fused q, k, v row (3 * dim,)
-    sin: mx.array
+    offset: mx.array  # () the step's absolute index: its RoPE position
     visible: int  # window slots read (see `visible_slots`)
 
 
 class SelfAttention(FusedQKVAttention):
     """Causal attention with fused QKV and interleaved RoPE on absolute steps."""
 
-    def __init__(self, dim: int, num_heads: int, rope: InterleavedRoPE):
+    def __init__(self, dim: int, num_heads: int, rope_max_period: float):
         super().__init__(dim, num_heads)
-        self._rope = rope  # shared by all layers
+        self.rope_max_period = rope_max_period
+
+    def rope(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        """Rotate (B, H, T, head_dim) by positions offset..offset+T-1 (pairs 2i, 2i+1)."""
+        return mx.fast.rope(x, self.head_dim, traditional=True, base=self.rope_max_period, scale=1.0, offset=offset)
 
     def __call__(
-        self, x: mx.array, residual: mx.array, keys: mx.array, values: mx.array, at: StepPosition
+        self, x: mx.array, keys: mx.array, values: mx.array, at: StepPosition
     ) -> tuple[mx.array, mx.array, mx.array]:
-        """One step: `x` (1, dim) normed, `residual` the layer input; returns
-        (residual + attention, keys, values).
-
-        q, k and v are rotated together as rows of one (3 * heads, head_dim)
-        array (the tables leave v unchanged and scale q), then split once.
-        """
-        heads, head_dim = self.num_heads, self.head_dim
-        rotated = self._rope(self.in_proj(x), at.cos, at.sin).reshape(1, 3 * heads, 1, head_dim)
-        q, k, v = mx.split(rotated, 3, axis=1)
+        """One step: `x` (1, dim) normed; returns (attention output, keys, values)."""
+        q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))  # (1, H, 1, D)
+        q, k = self.rope(q, at.offset), self.rope(k, at.offset)
         keys, k_seen = write_window(keys, k, at.slot, at.visible)
         values, v_seen = write_window(values, v, at.slot, at.visible)
-        y = attend(q, k_seen, v_seen, 1.0, at.valid)  # q carries the scale
-        return add_linear(residual, self.out_proj, merge_heads(y, x.ndim)), keys, values
+        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=at.valid)
+        return self.out_proj(merge_heads(y, x.ndim)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
         """Whole-sequence forward from step 0 (for tests and prefill)."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))
-        cos, sin = self._rope.tables(mx.arange(x.shape[1]))
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        y = mx.fast.scaled_dot_product_attention(self.rope(q), self.rope(k), v, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(y, x.ndim))
 
 
@@ -94,9 +84,9 @@ class SharedCrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.q_proj = Linear(dim, dim, bias=False)
-        self.kv_proj = Linear(dim, 2 * dim, bias=False)
-        self.out_proj = Linear(dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def image_kv(self, embeddings: mx.array) -> ImageKV:
         """Project image embeddings (N, dim) once; the result serves every layer.
@@ -116,15 +106,10 @@ class SharedCrossAttention(nn.Module):
         weight = self.out_proj.weight
         return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else default
 
-    def query_gain(self) -> float:
-        """What the norm before `q_proj` multiplies by, so that q arrives scaled:
-        the attention scale where attention is written out (see `fused_attention`)."""
-        return 1.0 if fused_attention() else self.scale
-
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
-        """`x` normed with `query_gain()`: (B, T, dim), or one step (B, dim)."""
+        """`x` normed: (B, T, dim), or one step (B, dim)."""
         q = split_heads(self.q_proj(x), self.num_heads)
-        y = attend(q, image.keys, image.values, self.scale if self.query_gain() == 1.0 else 1.0)
+        y = mx.fast.scaled_dot_product_attention(q, image.keys, image.values, scale=self.scale)
         return self.out_proj(merge_heads(y, x.ndim)).astype(x.dtype)
 
 
@@ -135,18 +120,18 @@ class CrossAttentionGate(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.linear_in = Linear(dim, hidden, bias=False)
-        self.linear_out = Linear(hidden, dim, bias=False)
+        self.linear_in = nn.Linear(dim, hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, y: mx.array) -> mx.array:
         return mx.sigmoid(self.linear_out(nn.relu(self.linear_in(y))) + self.BIAS)
 
 
 class TemporalLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: InterleavedRoPE):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, rope)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.rope_max_period)
         self.norm_cross = RMSNorm(cfg.dim, cfg.norm_eps)
         self.cross_gate = CrossAttentionGate(cfg.dim, cfg.gate_hidden)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -156,7 +141,7 @@ class TemporalLayer(nn.Module):
         self, x: mx.array, xa: SharedCrossAttention, image: ImageKV
     ) -> tuple[mx.array, mx.array]:
         """(what the image adds to `x`, the gate's values (..., dim))."""
-        y = xa(self.norm_cross(x, xa.query_gain()), image)
+        y = xa(self.norm_cross(x), image)
         gate = self.cross_gate(y)
         return (gate * y).astype(x.dtype), gate  # the gate may compute in float32
 
@@ -173,33 +158,31 @@ class TemporalLayer(nn.Module):
         image: ImageKV | None,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
         """Returns (output, keys, values, the cross-attention gate or None without an image)."""
-        x, keys, values = self.self_attn(self.norm1(x), x, keys, values, at)
+        y, keys, values = self.self_attn(self.norm1(x), keys, values, at)
+        x = x + y
         gate = None
         if image is not None:
             update, gate = self.gated_cross_attention(x, xa, image)
             x = x + update
-        return self.gating.residual(x, self.norm2(x)), keys, values, gate
+        return x + self.gating(self.norm2(x)), keys, values, gate
 
 
 class TemporalTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self._rope = InterleavedRoPE(cfg.head_dim, cfg.rope_max_period)
-        self.layers = [TemporalLayer(cfg, self._rope) for _ in range(cfg.num_layers)]
+        self.layers = [TemporalLayer(cfg) for _ in range(cfg.num_layers)]
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
 
     def position(self, offset: mx.array, visible: int, full: bool = False) -> StepPosition:
-        """Step `offset`'s slot, valid-slot mask and rotation, for all layers at once.
+        """Step `offset`'s slot and valid-slot mask, for all layers at once.
 
         `full`: every slot holds a key (offset >= context - 1), so no mask.
         """
-        cfg = self.cfg
-        cos, sin = self._rope.qkv_tables(offset, cfg.num_heads, cfg.head_dim**-0.5)
-        slot = (offset % cfg.context).reshape(1)
+        slot = (offset % self.cfg.context).reshape(1)
         valid = None if full else mx.arange(visible) <= offset
-        return StepPosition(slot, valid, cos, sin, visible)
+        return StepPosition(slot, valid, offset, visible)
 
     def make_cache(self, dtype: mx.Dtype) -> KVWindow:
         cfg = self.cfg

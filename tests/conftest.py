@@ -17,6 +17,10 @@ from safetensors.numpy import load_file
 
 import moshivis_mlx as mv
 from moshivis_mlx.config import NORM_MEAN_SQUARE, NORM_VARIANCE
+from moshivis_mlx.platform_path import CPU, PlatformPath, apply_platform_path, choose_platform_path
+
+# The CPU path without an optimized BLAS's dtypes, for tests of the CPU counterparts themselves.
+CPU_PATH = PlatformPath(kind=CPU, blas=None, quantized_activations="float32", float32_parts=False, image_dtype=None)
 
 FIXTURE_A = Path(__file__).parent / "fixtures" / "moshivis_tiny_a"
 
@@ -56,7 +60,8 @@ def tiny_config(**overrides) -> mv.ModelConfig:
 
 
 def random_model(cfg: mv.ModelConfig, seed: int = 0) -> mv.MoshiVis:
-    """Random weights scaled so activations stay in a useful range."""
+    """Random weights scaled so activations stay in a useful range, on the
+    platform path `load` would choose (MOSHIVIS_MLX_FORCE_GPU_PATH=1: a GPU's)."""
     mx.random.seed(seed)
     model = mv.MoshiVis(cfg)
     from mlx.utils import tree_flatten, tree_unflatten
@@ -70,7 +75,7 @@ def random_model(cfg: mv.ModelConfig, seed: int = 0) -> mv.MoshiVis:
         params.append((name, value))
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
-    return model
+    return apply_platform_path(model, choose_platform_path())
 
 
 # -- talking: the conversation, file-mode and live-mode tests (see talk_support.py) --

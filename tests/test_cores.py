@@ -11,9 +11,10 @@ import pytest
 
 import moshivis_mlx as mv
 from moshivis_mlx import cores
-from moshivis_mlx.layers import Linear, QuantizedLinear, attend, keep_transposed_weights
+from moshivis_mlx.cpu_layers import CpuLinear as Linear, CpuQuantizedLinear as QuantizedLinear, attend, keep_transposed_weights
+from moshivis_mlx.platform_path import apply_platform_path
 
-from conftest import random_model, tiny_config
+from conftest import CPU_PATH, random_model, tiny_config
 
 
 @pytest.fixture
@@ -108,6 +109,7 @@ def streamed_logits(streams: str, monkeypatch) -> tuple[np.ndarray, np.ndarray, 
     cfg = tiny_config(dim=256, ffn_hidden=4096, num_heads=4, xa_start=0)  # FFN products of 2 M weights
     model = random_model(cfg)
     model.set_dtype(mx.bfloat16)
+    apply_platform_path(model, CPU_PATH)  # the kept views of the bf16 weights
     features = mx.random.normal((cfg.vision.num_tokens, cfg.vision.width), key=mx.random.key(5))
     stream = mv.Stream(model, features, greedy=True)
     spread = sum(1 for m in model.modules() if isinstance(m, Linear) and m._kept_views().core_blocks)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from moshivis_mlx.temporal import SharedCrossAttention
+
 from conftest import random_model, tiny_config
 
 NUM_LAYERS = 12  # more than the 10 that are averaged
@@ -33,7 +35,7 @@ def reference_gates(model, tokens_in: np.ndarray, image) -> np.ndarray:
     per_layer = []
     for layer in tr.layers:
         x = x + layer.self_attn.forward_sequence(layer.norm1(x), mask)
-        y = tr.cross_attention(layer.norm_cross(x, tr.cross_attention.query_gain()), image)
+        y = SharedCrossAttention.__call__(tr.cross_attention, layer.norm_cross(x), image)  # the plain module's
         g = mx.sigmoid(layer.cross_gate.linear_out(mx.maximum(layer.cross_gate.linear_in(y), 0)) - 4.0)
         x = mx.where(active[None, :, None], x + g * y, x)
         x = x + layer.gating(layer.norm2(x))

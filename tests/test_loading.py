@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import mlx.core as mx
@@ -122,3 +123,38 @@ def test_without_config_the_released_preset_is_assumed(tmp_path):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype must be one of"):
         mv.load(FIXTURE_A, dtype="int8")
+
+
+def test_dtype_as_a_name_or_an_mx_dtype():
+    by_name, by_dtype = mv.load(FIXTURE_A, dtype="float32"), mv.load(FIXTURE_A, dtype=mx.float32)
+    assert by_name.dtype == by_dtype.dtype == mx.float32
+    assert mv.load(FIXTURE_A, dtype=mx.bfloat16).dtype == mx.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mv.load(FIXTURE_A, dtype=mx.int32)
+
+
+def test_config_as_a_model_config_a_dict_or_a_path(checkpoint_dir, tmp_path):
+    """The sizes of fixture A come from the argument: the weights alone sit with no config.json."""
+    weights = tmp_path / "weights" / "model.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(checkpoint_dir / "model.safetensors", weights)
+    config_path = checkpoint_dir / "config.json"
+    as_dict = json.loads(config_path.read_text())
+    expected = dict(tree_flatten(mv.load(checkpoint_dir, dtype="float32").parameters()))
+    for config in (mv.ModelConfig.from_dict(as_dict), as_dict, config_path, str(config_path), checkpoint_dir):
+        model = mv.load(weights, dtype="float32", config=config)
+        assert model.cfg == mv.ModelConfig.from_dict(as_dict)
+        got = dict(tree_flatten(model.parameters()))
+        assert got.keys() == expected.keys() and all(mx.array_equal(got[k], expected[k]) for k in got)
+
+
+def test_a_bad_config_argument_is_reported_plainly(tmp_path):
+    with pytest.raises(mv.CheckpointError, match="no such config file"):
+        mv.load(FIXTURE_A, config=tmp_path / "missing.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(mv.CheckpointError, match="invalid model config"):
+        mv.load(FIXTURE_A, config=tmp_path / "config.json")
+    with pytest.raises(ValueError, match="invalid model config"):
+        mv.load(FIXTURE_A, config={"width": 128})
+    with pytest.raises(TypeError, match="config must be a ModelConfig, a dict or the path"):
+        mv.load(FIXTURE_A, config=42)

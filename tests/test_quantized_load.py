@@ -23,6 +23,7 @@ import moshivis_mlx as mv
 from moshivis_mlx.checkpoint import CheckpointError
 from moshivis_mlx.layouts import LayoutError, from_upstream_mlx
 from moshivis_mlx.loading import prepare, to_native
+from moshivis_mlx.platform_path import CPU, choose_platform_path
 from moshivis_mlx.quantize import QuantizationError, QuantizationPolicy, fit_group_size, quantization_config
 
 from fixture_a import FIXTURE_A, TOLERANCE, UPSTREAM, UPSTREAM_FILES, assert_same_params, fixture_config, logit_errors
@@ -226,7 +227,7 @@ def test_auto_dtype_is_float32_for_quantized_models_on_cpu_only():
 
     from moshivis_mlx.loading import resolve_dtype
 
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    on_cpu = choose_platform_path().kind == CPU  # not under MOSHIVIS_MLX_FORCE_GPU_PATH=1
     assert resolve_dtype("auto", quantized=True) == ("float32" if on_cpu else "bfloat16")
     assert resolve_dtype("auto", quantized=False) == "bfloat16"
     assert resolve_dtype("float16", quantized=True) == "float16"
@@ -244,9 +245,7 @@ def test_auto_dtype_computes_the_depformer_and_cross_attention_in_float32_on_cpu
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from moshivis_mlx import blas
-
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu and blas.status().optimized  # see the next test
+    on_cpu = choose_platform_path().float32_parts  # a CPU with a fast BLAS: see the next test
     auto = mv.load(FIXTURE_A)
     params = tree_flatten(auto.parameters())
     upcast = {v.dtype for k, v in params if any(part in k for part in FLOAT32_ON_CPU)}
