@@ -49,6 +49,7 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
+from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 from moshivis_mlx.mimi import MIMI_CODEBOOK_SIZE, MAX_SEQ_LEN, InProcess, RenewingCodec, load_mimi  # noqa: E402
 from talk_support import FakeCodec, build_model, random_mimi, rss_bytes, speech_like, train_tokenizer  # noqa: E402
 
@@ -71,11 +72,14 @@ class SilentTokenizer:
 
 
 def make_model(kind: str):
+    """Random weights, then the platform's path applied as `load` applies it."""
     if kind == "fixture":
-        return build_model()
-    from bench_step import dispatch_config
+        model = build_model()
+    else:
+        from bench_step import dispatch_config
 
-    return build_model(dataclasses.replace(dispatch_config(), audio_card=MIMI_CODEBOOK_SIZE))
+        model = build_model(dataclasses.replace(dispatch_config(), audio_card=MIMI_CODEBOOK_SIZE))
+    return apply_platform_path(model, choose_platform_path())
 
 
 def make_codec(kind: str, max_seq_len: int):
