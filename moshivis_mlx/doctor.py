@@ -174,8 +174,11 @@ def add_device(rows: list[tuple[str, str]]) -> None:
     from .cores import requested_streams
     from .loading import AUTO_DTYPE, float32_parts_dtype, resolve_dtype
 
+    from .platform_path import choose_platform_path
+
     device = mx.default_device()
     rows.append(("device", f"{device.type.name} ({describe_device(_device_info(mx))})"))
+    rows.append(("code path", choose_platform_path().describe()))
     rows.append(("quantized", f"weights computed in {resolve_dtype(AUTO_DTYPE, quantized=True)} (--dtype auto)"))
     parts = float32_parts_dtype(AUTO_DTYPE, quantized=False)
     bf16 = "bfloat16" + (f", depformer and cross-attention in {parts}" if parts else " throughout")

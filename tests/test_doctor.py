@@ -65,9 +65,9 @@ def fake_snapshot(hf_home: Path, files: list[str]) -> None:
         (snapshot / name).write_bytes(b"not really weights")
 
 
-def run_doctor(tmp_path: Path, stand_ins: Path | None = None) -> subprocess.CompletedProcess:
+def run_doctor(tmp_path: Path, stand_ins: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
     """The doctor, offline, with its Hugging Face cache under tmp_path/hf."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MOSHIVIS_MLX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MOSHIVIS_MLX_"))} | extra_env
     path = [str(stand_ins)] if stand_ins else []
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
     return subprocess.run([sys.executable, "-m", "moshivis_mlx", "doctor"], capture_output=True, text=True,
@@ -88,6 +88,7 @@ def test_this_machine_offline_with_an_empty_cache(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr
     assert row(out, "moshivis_mlx").endswith(f"({ROOT / 'moshivis_mlx'})")  # this copy, not an installed one
     assert row(out, "device").startswith("cpu") and row(out, "CPU streams")
+    assert row(out, "code path").startswith("cpu path")  # what load() will apply on this CPU
     assert DEFAULT_MODEL in row(out, "default weights")
     assert row(out, "HF cache") == f"{tmp_path / 'hf' / 'hub'} (offline: HF_HUB_OFFLINE)"
     assert row(out, "4-bit model") == f"{MODEL_FILES[4]}: not in the cache"
@@ -172,3 +173,10 @@ def test_summary_names_each_blocked_mode():
     assert report.fatal and report.summary().startswith("result: no mode can run")
     rendered = report.render()
     assert "problems (3)" in rendered and "blocks: nothing (slower)" in rendered
+
+
+def test_the_forced_gpu_path_is_shown(tmp_path):
+    result = run_doctor(tmp_path, MOSHIVIS_MLX_FORCE_GPU_PATH="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert row(result.stdout, "code path").startswith("gpu path (forced by MOSHIVIS_MLX_FORCE_GPU_PATH)")
+    assert row(result.stdout, "quantized").startswith("weights computed in bfloat16")
