@@ -35,6 +35,7 @@ import numpy as np
 from .audio_io import WavWriter
 from .audio_resample import Resampler
 from .devices import AudioDeviceError, describe_devices, device_name, device_sample_rate, find_device, import_sounddevice
+from .framing import PendingFrames
 
 __all__ = ["AudioDeviceError", "LiveSession", "LiveStats", "OutputBuffer", "describe_devices", "device_sample_rate",
            "find_device", "import_sounddevice"]
@@ -280,7 +281,7 @@ class LiveSession:
         self._record_path = record
         self._recorder: WavWriter | None = None
         self._input: queue.Queue[tuple[np.ndarray, np.ndarray | None]] = queue.Queue(maxsize=_INPUT_QUEUE_BLOCKS)
-        self._pending = np.zeros(0, np.float32)  # input at 24 kHz (echo removed), not yet a whole frame
+        self._pending = PendingFrames(self.frame_size, self.rate)  # input at 24 kHz (echo removed)
         self._playing = False
         self.events: queue.Queue[tuple[str, str]] = queue.Queue()  # ("text", piece) or ("info", message)
         self._stop = threading.Event()
@@ -510,7 +511,7 @@ class LiveSession:
         """Move every queued microphone block into `_pending` (at 24 kHz, echo removed)."""
         blocks = []
         try:
-            if len(self._pending) < self.frame_size:  # nothing to do until more audio comes
+            if not self._pending.has_frame:  # nothing to do until more audio comes
                 blocks.append(self._input.get(timeout=_POLL_SECONDS))
             while True:
                 blocks.append(self._input.get_nowait())
@@ -519,9 +520,9 @@ class LiveSession:
         if blocks:
             mic = np.concatenate([b[0] for b in blocks])
             played = None if blocks[0][1] is None else np.concatenate([b[1] for b in blocks])
-            self._pending = np.concatenate([self._pending, self._mic_path.process(mic, played)])
+            self._pending.append(self._mic_path.process(mic, played))
             self._note_echo()
-        elif len(self._pending) >= self.frame_size:
+        elif self._pending.has_frame:
             time.sleep(_POLL_SECONDS / 4)  # frames wait for room in the conversation
 
     def _note_echo(self) -> None:
@@ -540,26 +541,20 @@ class LiveSession:
 
     def _current_lag(self) -> float:
         """Audio heard but not yet answered (waiting or in the conversation), plus answers not yet played."""
-        waiting = len(self._pending) / self.rate + self.conversation.in_flight * self.frame_seconds
+        waiting = self._pending.seconds + self.conversation.in_flight * self.frame_seconds
         return waiting + self._output.size / self.stats.output_rate
 
     def _next_frame(self) -> np.ndarray | None:
         """The oldest whole frame, after dropping the oldest ones beyond the lag bound."""
-        whole = len(self._pending) // self.frame_size
-        if whole == 0:
+        frame, dropped, lag = self._pending.next_frame(self._current_lag, self.max_lag_seconds)
+        if frame is None:
             return None
-        excess = self._current_lag() - self.max_lag_seconds
-        if excess > 0:
-            drop = min(whole - 1, int(np.ceil(excess / self.frame_seconds)))
-            if drop > 0:
-                self._pending = self._pending[drop * self.frame_size :]
-                self.stats.dropped_frames += drop
-                if len(self.stats.drop_times) < _MAX_EVENT_TIMES:
-                    self.stats.drop_times.append(round(self.elapsed(), 2))
-        lag = self._current_lag()
+        if dropped:
+            self.stats.dropped_frames += dropped
+            if len(self.stats.drop_times) < _MAX_EVENT_TIMES:
+                self.stats.drop_times.append(round(self.elapsed(), 2))
         self.stats.lag_seconds = lag
         self.stats.max_lag_seconds = max(self.stats.max_lag_seconds, lag)
-        frame, self._pending = self._pending[: self.frame_size], self._pending[self.frame_size :]
         return frame
 
     def _close_streams(self) -> None:

@@ -426,7 +426,7 @@ def test_one_duplex_stream_pairs_each_microphone_block_with_the_block_played_in_
     assert len(mic) > edge + reach
     np.testing.assert_array_equal(ref[: edge - reach], mic[: edge - reach])
     assert not ref[edge + reach :].any()  # silence where the output ran dry
-    np.testing.assert_array_equal(session._pending, 0.5 * mic)  # the model hears what the canceller gives
+    np.testing.assert_array_equal(session._pending.samples, 0.5 * mic)  # the model hears what the canceller gives
     assert "echo cancel on" in format_status(session.stats, 0.08) and "separate" not in format_status(session.stats, 0.08)
 
 
@@ -464,7 +464,7 @@ def test_without_echo_cancellation_the_microphone_goes_straight_to_the_model():
     session._output.push(-voice)
     stream.run(voice)
     session._take_input()
-    np.testing.assert_array_equal(session._pending, voice)
+    np.testing.assert_array_equal(session._pending.samples, voice)
     assert session.canceller is None and "echo cancel off" in format_status(session.stats, 0.08)
 
 

@@ -16,7 +16,6 @@ under `max_lag_seconds`, as live mode does.
 from __future__ import annotations
 
 import collections
-import math
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..framing import PendingFrames
 from . import protocol
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a phone photo is a few MB; SigLIP sees 448 x 448
@@ -85,7 +85,7 @@ class WebSession:
         self.error: BaseException | None = None
         self._send = send
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("audio" | "image" | "refuse" | "reset", value)
-        self._pending = np.zeros(0, np.float32)  # audio not yet a whole frame, or waiting
+        self._pending = PendingFrames(self.frame_size, self.rate)  # audio not yet a whole frame, or waiting
         self._replies: collections.deque = collections.deque()  # to pictures and resets, in the page's order
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="moshivis-web", daemon=True)
@@ -137,7 +137,7 @@ class WebSession:
 
     def _take_inbox(self) -> None:
         """Everything the page sent so far, in order (waits a little when there is nothing to do)."""
-        wait = len(self._pending) < self.frame_size and not self.conversation.in_flight
+        wait = not self._pending.has_frame and not self.conversation.in_flight
         while True:
             try:
                 kind, value = self._inbox.get(timeout=_POLL_SECONDS) if wait else self._inbox.get_nowait()
@@ -145,7 +145,7 @@ class WebSession:
                 return
             wait = False
             if kind == "audio":
-                self._pending = np.concatenate([self._pending, value])
+                self._pending.append(value)
                 self.stats.received_seconds += len(value) / self.rate
             elif kind == "image":
                 self._set_image(value)
@@ -179,23 +179,17 @@ class WebSession:
 
     def _next_frame(self) -> np.ndarray | None:
         """The oldest whole frame, after dropping the oldest ones beyond the lag bound."""
-        whole = len(self._pending) // self.frame_size
-        if whole == 0:
+        frame, dropped, lag = self._pending.next_frame(self._lag, self.config.max_lag_seconds)
+        if frame is None:
             return None
-        excess = self._lag() - self.config.max_lag_seconds
-        if excess > 0:
-            drop = min(whole - 1, math.ceil(excess / self.frame_seconds))
-            self._pending = self._pending[drop * self.frame_size :]
-            self.stats.dropped_frames += drop
-        lag = self._lag()
+        self.stats.dropped_frames += dropped
         self.stats.lag_seconds = lag
         self.stats.max_lag_seconds = max(self.stats.max_lag_seconds, lag)
-        frame, self._pending = self._pending[: self.frame_size], self._pending[self.frame_size :]
         return frame
 
     def _lag(self) -> float:
         """Audio received but not answered yet: waiting here or in the conversation."""
-        return len(self._pending) / self.rate + self.conversation.in_flight * self.frame_seconds
+        return self._pending.seconds + self.conversation.in_flight * self.frame_seconds
 
     def _take_answers(self) -> None:
         """Send every answer ready; wait a little for the first while frames are in the conversation."""
