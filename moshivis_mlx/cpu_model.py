@@ -26,8 +26,8 @@ from .cpu_layers import (
     ffn_residual,
     scaled_norm,
 )
-from .depformer import Depformer, DepformerAttention, Sampler
-from .layers import embed_one, merge_heads, split_heads, write_window
+from .depformer import Depformer, DepformerAttention
+from .layers import merge_heads, split_heads, write_window
 from .siglip import VisionQuantizedLinear
 from .temporal import (
     ImageKV,
@@ -134,22 +134,11 @@ class CpuDepformerAttention(DepformerAttention):
 
 
 class CpuDepformer(Depformer):
-    def __call__(self, temporal_out: mx.array, text_token: mx.array, sampler: Sampler) -> tuple[mx.array, mx.array]:
-        """As `Depformer.__call__`, with the depformer attention's CPU arithmetic."""
-        inputs = mx.split(self.input_proj(temporal_out), len(self.steps), axis=-1)  # K x (1, d)
-        past: list[list[tuple[mx.array, mx.array]]] = [[] for _ in self.layers]
-        token = text_token
-        tokens, logits = [], []
-        for k, step in enumerate(self.steps):
-            x = inputs[k] + embed_one(step.emb, token)  # (1, d)
-            for norms, weights, layer_past in zip(self.layers, step.layers, past):
-                x = weights.self_attn(scaled_norm(norms.norm1, x, weights.self_attn.input_gain()), x, layer_past)
-                x = ffn_residual(weights.gating, x, norms.norm2(x))
-            step_logits = step.linear_out(x)  # (1, audio_card)
-            token = sampler(step_logits, k)
-            tokens.append(token)
-            logits.append(step_logits)
-        return mx.concatenate(tokens), mx.concatenate(logits)
+    """`Depformer` with the depformer attention's CPU arithmetic (gain-scaled norm, residual inside the product)."""
+
+    def _layer(self, norms, weights, x: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
+        x = weights.self_attn(scaled_norm(norms.norm1, x, weights.self_attn.input_gain()), x, past)
+        return ffn_residual(weights.gating, x, norms.norm2(x))
 
 
 class CpuVisionQuantizedLinear(VisionQuantizedLinear):

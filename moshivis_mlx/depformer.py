@@ -88,10 +88,14 @@ class Depformer(nn.Module):
         for k, step in enumerate(self.steps):
             x = inputs[k] + embed_one(step.emb, token)  # (1, d)
             for norms, weights, layer_past in zip(self.layers, step.layers, past):
-                x = x + weights.self_attn(norms.norm1(x), layer_past)
-                x = x + weights.gating(norms.norm2(x))
+                x = self._layer(norms, weights, x, layer_past)
             step_logits = step.linear_out(x)  # (1, audio_card)
             token = sampler(step_logits, k)
             tokens.append(token)
             logits.append(step_logits)
         return mx.concatenate(tokens), mx.concatenate(logits)
+
+    def _layer(self, norms, weights, x: mx.array, past: list[tuple[mx.array, mx.array]]) -> mx.array:
+        """One layer of one step: `norms` shared by the steps, `weights` this step's own."""
+        x = x + weights.self_attn(norms.norm1(x), past)
+        return x + weights.gating(norms.norm2(x))
