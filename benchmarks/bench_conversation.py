@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ import numpy as np  # noqa: E402
 import moshivis_mlx as mv  # noqa: E402
 from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 from moshivis_mlx.mimi import MIMI_CODEBOOK_SIZE, MAX_SEQ_LEN, InProcess, RenewingCodec, load_mimi  # noqa: E402
+from machine import describe_machine  # noqa: E402
 from talk_support import FakeCodec, build_model, random_mimi, rss_bytes, speech_like, train_tokenizer  # noqa: E402
 
 FRAME_SECONDS = 0.08
@@ -198,7 +198,7 @@ def main() -> None:
     finally:
         conv.close()
     result["blas"] = str(BLAS)
-    result["machine"] = f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}"
+    result["machine"] = describe_machine()
     result["date"] = datetime.date.today().isoformat()
     print(json.dumps(result))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -37,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe_machine  # noqa: E402  (benchmarks/machine.py)
 from moshivis_mlx.blas import OPT_OUT_VARIABLE  # noqa: E402  (imports nothing from MLX)
 
 _POOL_BYTES = 256 * 2**20  # random bf16 values reused at random offsets
@@ -102,16 +102,8 @@ def _timed(code: str, blas: str) -> tuple[float, float, str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
+    return f"{describe_machine()}, {mem:.0f} GiB RAM"
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe_machine  # noqa: E402
 from moshivis_mlx.echo import EchoCanceller  # noqa: E402
 
 RATE = 24000
@@ -65,16 +65,7 @@ def time_blocks(canceller: EchoCanceller, mic: np.ndarray, played: np.ndarray) -
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    python = platform.python_version()
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {python}"
+    return f"{describe_machine()}, Python {platform.python_version()}"
 
 
 def main() -> None:

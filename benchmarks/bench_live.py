@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="more flags for python -m moshivis_mlx (after --)")
     args = p.parse_args()
 
+    from machine import describe_machine
     from talk_support import build_model, random_mimi, save_checkpoint, train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,7 @@ def main() -> None:
         "device": f"JACK dummy {args.rate} Hz, period {args.period}",
         "extra_flags": args.extra,
         "summary": summary,
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "date": datetime.date.today().isoformat(),
     }, indent=1))
 

@@ -36,7 +36,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .codec_worker import HEADER, read_exactly, write_message
+from .codec_worker import HEADER, read_exactly
 
 MIMI_SAMPLE_RATE = 24_000
 MIMI_FRAME_SIZE = 1920  # samples per 80 ms frame (12.5 Hz)
