@@ -164,7 +164,10 @@ class Conversation:
         `pcm_in`: `frame_size` (1920) float32 samples at 24 kHz. Returns
         (pcm_out (1920,) float32, text piece, "" most of the time).
         """
-        if self._pipeline.unreceived or self._pipeline.in_flight:
+        self._pipeline.check_open()  # a closed or failed conversation says so first
+        if self._pipeline.has_listener:
+            self._pipeline.receive()  # raises: the answers go to on_frame
+        if self._pipeline.unreceived:
             raise RuntimeError("step() waits for its own answer: it cannot follow push() with answers pending")
         self.push(pcm_in)
         out = self.receive()

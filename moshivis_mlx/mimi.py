@@ -114,6 +114,7 @@ class CodecInstance(Protocol):
     max_frames: int
 
     def ready(self) -> bool: ...  # built (never blocks)
+    def wait_ready(self) -> None: ...  # until built; a bad checkpoint raises here
     def run(self, direction: str, data: np.ndarray) -> np.ndarray: ...
     def feed(self, direction: str, data: np.ndarray) -> None: ...  # no answer, never blocks
     def sync(self) -> None: ...  # wait until everything fed is done; raises its error
@@ -233,6 +234,9 @@ class InProcess:
     def ready(self) -> bool:
         return True
 
+    def wait_ready(self) -> None:
+        pass
+
     def run(self, direction: str, data: np.ndarray) -> np.ndarray:
         return getattr(self.codec, direction)(data)
 
@@ -336,7 +340,7 @@ class RenewingCoder:
     def wait_ready(self) -> None:
         """Wait until the current instance and the spare are built (a bad file fails here)."""
         for instance in (self._current, self._spare):
-            if instance is not None and hasattr(instance, "wait_ready"):
+            if instance is not None:
                 instance.wait_ready()
 
     def close(self) -> None:

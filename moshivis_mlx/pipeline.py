@@ -183,7 +183,7 @@ class FramePipeline:
     def push(self, pcm: np.ndarray) -> int:
         """Queue one frame; returns its index. Never blocks."""
         with self._lock:
-            self._check_open()
+            self.check_open()
             index = self._next_index
             self._next_index += 1
             self._encoder.put(_Frame(index, pcm, time.perf_counter()))
@@ -194,7 +194,7 @@ class FramePipeline:
         future gives the index of the first frame it applies to."""
         item = _Control(kind, payload)
         with self._lock:
-            self._check_open()
+            self.check_open()
             item.boundary = self._next_index
             self._encoder.put(item)
         return item.future
@@ -203,7 +203,7 @@ class FramePipeline:
         """Run `fn` on the model's thread, between two frames, and wait for its result."""
         item = _Control("call", fn)
         with self._lock:
-            self._check_open()
+            self.check_open()
             self._model_stage.put(item)
         return item.future.result()
 
@@ -211,7 +211,7 @@ class FramePipeline:
         """The picture's K/V, computed on the image thread; the future gives the ImageKV."""
         item = _Control("call", lambda: None if image is None else self.model.embed_image(image))
         with self._lock:
-            self._check_open()
+            self.check_open()
             self._images_pending += 1
             self._images.put(item)
         item.future.add_done_callback(self._image_done)
@@ -228,6 +228,8 @@ class FramePipeline:
 
     def receive(self, timeout: float | None = None) -> FrameOutput:
         """The next answered frame, in order (when no `on_frame` listener takes them)."""
+        if self._on_frame is not None:  # nothing would ever come: the listener takes every answer
+            raise RuntimeError("this conversation hands its answers to on_frame: receive() and step() are not used")
         try:
             item = self._outputs.get(timeout=timeout)
         except queue.Empty:
@@ -254,9 +256,14 @@ class FramePipeline:
         return self._next_index - self._delivered
 
     @property
+    def has_listener(self) -> bool:
+        """Answers go to `on_frame`, not to `receive`."""
+        return self._on_frame is not None
+
+    @property
     def unreceived(self) -> int:
         """Frames pushed whose answers `receive` has not returned yet."""
-        return self._next_index - self._received if self._on_frame is None else 0
+        return self._next_index - self._received
 
     def close(self, timeout: float = 30.0) -> None:
         """Let the stages finish what they hold, then stop them and the codec."""
@@ -370,7 +377,8 @@ class FramePipeline:
         elif item is _STOP:
             self._outputs.put(_STOP)
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raises `ConversationClosed`, or `StageError` after a failure."""
         if self._closed:
             raise ConversationClosed("this conversation was closed")
         if self.error is not None:

@@ -185,6 +185,15 @@ def test_a_closed_conversation_refuses_work_and_leaves_no_thread(talking_model, 
     conv.close()  # twice is fine
 
 
+def test_with_on_frame_step_and_receive_refuse_instead_of_waiting_forever(talking_model, tokenizer_path):
+    conv = conversation(talking_model, FakeCodec(), tokenizer_path, on_frame=lambda out: None)
+    for call in (lambda: conv.step(question(1)[0]), lambda: conv.receive(timeout=1)):
+        with pytest.raises(RuntimeError, match="on_frame"):
+            call()
+    assert conv.frames_pushed == 0  # step refused before pushing
+    conv.close()
+
+
 def test_step_and_push_are_not_mixed(talking_model, tokenizer_path):
     conv = conversation(talking_model, FakeCodec(), tokenizer_path)
     conv.push(question(1)[0])
