@@ -2,13 +2,16 @@
 
     python benchmarks/bench_mimi.py speed [--frames 100]
     python benchmarks/bench_mimi.py renewal [--extra 40]
+    python benchmarks/bench_mimi.py frame-times [--frames 170]   # load_mimi with 60-frame lives, a reset at 20
 
 `speed` times encode_step and decode_step of one 80 ms frame (real time is
 80 ms for both). `renewal` checks the claim behind `moshivis_mlx.mimi.RenewingCodec`:
 an instance fed the last RENEWAL_OVERLAP_FRAMES frames is in the same state as
 one that saw the whole stream. It runs one long-lived instance and one that is
 renewed mid-stream on the same speech-like input and codes, and compares their
-outputs after the switch. Uses a random full-size Mimi (weights made from the
+outputs after the switch. `frame-times` times each frame (decode, then encode)
+of `load_mimi` with 60-frame instance lives across a reset and several renewals:
+the slowest frame against the median, and the frames that waited for a load. Uses a random full-size Mimi (weights made from the
 manifest of the real checkpoint), so it needs no download.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from moshivis_mlx.mimi import DECODE, ENCODE, MIMI_FRAME_SIZE, RENEWAL_OVERLAP_FRAMES, InProcess, RenewingCoder, RustyMimi  # noqa: E402
+from machine import describe_machine  # noqa: E402
+from moshivis_mlx.mimi import (  # noqa: E402
+    DECODE, ENCODE, MIMI_FRAME_SIZE, RENEWAL_OVERLAP_FRAMES, InProcess, RenewingCoder, RustyMimi, load_mimi,
+)
 from talk_support import random_mimi, speech_like  # noqa: E402
 
 
@@ -88,15 +93,46 @@ def renewal(path: Path, extra: int) -> dict:
     }
 
 
+def frame_times(path: Path, count: int) -> dict:
+    codec = load_mimi(path, max_seq_len=120, overlap_frames=6)
+    inputs, codes = frames(count), np.random.default_rng(0).integers(0, 2048, (count, 8))
+    times = []
+    try:
+        for i, (frame, model_codes) in enumerate(zip(inputs, codes)):
+            if i == 20:
+                codec.reset()
+            start = time.perf_counter()
+            codec.decode(model_codes)
+            codec.encode(frame)
+            times.append(time.perf_counter() - start)
+    finally:
+        codec.close()
+    ms = 1000 * np.array(times[3:])  # the first frames warm up
+    return {
+        "frames": count,
+        "renewals": {"encoder": codec.encoder.renewals, "decoder": codec.decoder.renewals},
+        "waits_for_a_load": codec.encoder.waits + codec.decoder.waits,
+        "median_ms": round(float(np.median(ms)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "max_ms": round(float(ms.max()), 1),
+        "max_over_median": round(float(ms.max() / np.median(ms)), 2),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("speed", "renewal"))
+    p.add_argument("what", choices=("speed", "renewal", "frame-times"))
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--extra", type=int, default=40)
     args = p.parse_args()
     path = random_mimi()
-    result = speed(path, args.frames) if args.what == "speed" else renewal(path, args.extra)
-    result["machine"] = f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}"
+    if args.what == "speed":
+        result = speed(path, args.frames)
+    elif args.what == "renewal":
+        result = renewal(path, args.extra)
+    else:
+        result = frame_times(path, args.frames)
+    result["machine"] = describe_machine()
     print(json.dumps(result, indent=1))
 
 
