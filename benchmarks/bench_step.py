@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py dispatch [--start-step 3000]  # full depth, tiny widths: overhead-bound
     python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16] [--bits 4|8]
     python benchmarks/bench_step.py depformer [--depformer-dtype bfloat16]
+    python benchmarks/bench_step.py attention [--dtype float32]   # window and image attention, float vs quantized
 
 `dispatch` keeps the released model's depth (32 temporal layers with the
 cross-attention active on 1024 image tokens from step 0, 8 depformer steps x 6
@@ -11,7 +12,10 @@ is almost entirely per-operation overhead, as on a GPU. `full` uses the
 released shapes with random weights, the image on from step 0, then the same
 conversation without it; `--components` times each part alone, reading the
 whole 3000-slot window. Both consume one step at a time the way a client does:
-one host read of the tokens per step. `depformer` times the full-size
+one host read of the tokens per step. `attention` times what the cache
+levers change, at released sizes: one step's self-attention over a full
+3000-slot window and its cross-attention over 1024 image tokens, for all 32
+layers, with the keys and values float or quantized. `depformer` times the full-size
 depformer alone (8 codebooks, default audio sampler): 1.3 GB of weights
 instead of 15 GB, so the compute-dtype choice can be checked in a minute.
 """
@@ -192,16 +196,19 @@ def depformer_only(dtype: str, steps: int) -> dict:
     return {"mode": "depformer", "depformer_dtype": dtype, "median_ms": round(1000 * statistics.median(times), 2)}
 
 
-def quantize_as_loaded(model: mv.MoshiVis, bits: int) -> None:
-    """What `load(bits=...)` gives: the default mixed policy at `bits`, then every
-    float (scales, norms, kept-float layers) in the compute dtype `dtype="auto"`
-    picks for a quantized model (float32 on a CPU)."""
+def quantize_as_loaded(model: mv.MoshiVis, bits: int, **tiers) -> None:
+    """What `load(bits=...)` gives: the default mixed policy at `bits` (`tiers`
+    override its tiers and caches), then every float (scales, norms, kept-float
+    layers) in the compute dtype `dtype="auto"` picks for a quantized model
+    (float32 on a CPU)."""
     from mlx.utils import tree_unflatten
 
     from moshivis_mlx.loading import resolve_dtype
     from moshivis_mlx.quantize import QuantizationPolicy, quantizable_modules, quantization_config
 
-    config = quantization_config(model, QuantizationPolicy.mixed(bits))
+    policy = QuantizationPolicy.mixed(bits, **tiers)
+    model.quantize_caches(policy.kv_bits, policy.image_kv_bits)
+    config = quantization_config(model, policy)
     for path, module in quantizable_modules(model).items():
         if config.get(path):  # one module at a time: the float weights go as their quantized ones come
             quantized = module.to_quantized(**config[path])
@@ -211,13 +218,46 @@ def quantize_as_loaded(model: mv.MoshiVis, bits: int) -> None:
     mx.eval(model.parameters())
 
 
+def _bits_or_none(value: str) -> "int | None | str":
+    return None if value == "none" else value if value == "default" else int(value)
+
+
+def attention_times(dtype: str, steps: int) -> dict:
+    """ms per step of 32 layers' window and image attention, float vs quantized K/V."""
+    from moshivis_mlx.cpu_layers import attend
+    from moshivis_mlx.layers import CacheQuantization, attention
+
+    if PATH.kind == CPU:  # as the CPU counterparts attend: heads split over the CPU streams
+        attention = attend
+    cfg = mv.moshika_vis()
+    compute = getattr(mx, dtype)
+    shapes = {"window": cfg.context, "image": cfg.vision.num_tokens}
+    q = (mx.random.normal((1, cfg.num_heads, 1, cfg.head_dim)) * 0.1).astype(compute)
+    results: dict = {"mode": "attention", "dtype": dtype, "layers": cfg.num_layers}
+    for part, length in shapes.items():
+        k, v = (mx.random.normal((1, cfg.num_heads, length, cfg.head_dim)).astype(compute) for _ in range(2))
+        for bits in (None, 8, 4):
+            quant = CacheQuantization(bits) if bits else None
+            keys, values = (quant.pack(k), quant.pack(v)) if quant else (k, v)
+            mx.eval(keys, values)
+            layer = mx.compile(lambda q, keys, values: attention(q, keys, values, 0.088, None, quant))
+            times = []
+            for i in range(steps + 2):
+                start = time.perf_counter()
+                mx.eval([layer(q, keys, values) for _ in range(cfg.num_layers)])
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+            results[f"{part}_{bits or 'float'}_ms"] = round(1000 * statistics.median(times), 2)
+    return results
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["dispatch", "full", "depformer"])
+    ap.add_argument("mode", choices=["dispatch", "full", "depformer", "attention"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -230,6 +270,12 @@ def main() -> None:
         "auto: what load(dtype='auto') picks (float32 for a bf16 model on a CPU)",
     )
     ap.add_argument("--bits", type=int, choices=[4, 8], help="full: quantize as load(bits=...) does (mixed policy)")
+    for tier in ("cross-attention", "kv", "image-kv"):
+        ap.add_argument(f"--{tier}-bits", type=_bits_or_none, default="default", metavar="N|none",
+                        help=f"with --bits: the mixed policy's {tier} bits (default: the policy's)")
+    ap.add_argument("--jump-to-step", type=int, default=0,
+                    help="start the stream at this step without running the ones before: 3000 times a full "
+                    "window in seconds (what the window holds does not change the time)")
     ap.add_argument(
         "--start-step",
         type=int,
@@ -251,6 +297,11 @@ def main() -> None:
         result["platform_path"] = PATH.kind + (" (forced)" if PATH.forced else "")
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
+    if args.mode == "attention":
+        result = attention_times(args.dtype or "float32", args.steps or 10)
+        result["blas"] = BLAS.library or "bundled reference BLAS"
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
+        return
     if args.mode == "dispatch":
         cfg, dtype, steps, warmup = dispatch_config(), args.dtype or "float32", args.steps or 200, args.warmup or 20
     else:
@@ -259,8 +310,14 @@ def main() -> None:
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
     random_weights(model, getattr(mx, dtype))
+    tiers = {
+        name: value
+        for name, value in (("cross_attention_bits", args.cross_attention_bits), ("kv_bits", args.kv_bits),
+                            ("image_kv_bits", args.image_kv_bits))
+        if value != "default"
+    }
     if args.bits:
-        quantize_as_loaded(model, args.bits)
+        quantize_as_loaded(model, args.bits, **tiers)
     parts = float32_parts_dtype("auto", quantized=False) if args.depformer_dtype == "auto" else args.depformer_dtype
     if parts is not None and args.mode == "full" and not args.bits:  # as load(dtype="auto") does
         for part in model.float32_on_cpu_parts():
@@ -272,6 +329,7 @@ def main() -> None:
     user = np.zeros(cfg.num_user_codebooks, np.int32)
     for _ in range(args.start_step):
         np.array(stream.step(user).text_logits)
+    stream.offset += args.jump_to_step
     first_visible = visible_slots(stream.offset, cfg.context)
 
     ops = count_ops(stream, user)
@@ -287,6 +345,8 @@ def main() -> None:
         "mode": args.mode,
         "dtype": dtype,
         "bits": args.bits,
+        "policy_tiers": tiers,
+        "caches": model.cache_quantization,
         "depformer_dtype": str(model.depformer.input_proj.weight.dtype),
         "cross_attention_dtype": str(model.transformer.cross_attention.out_proj.weight.dtype),
         "image": image is not None,
@@ -298,6 +358,7 @@ def main() -> None:
         "median_ms_without_image": round(1000 * no_image, 2) if no_image is not None else None,
         "steps": steps,
         "start_step": args.start_step,
+        "jump_to_step": args.jump_to_step,
         "window_slots_read": f"{first_visible}-{visible_slots(stream.offset, cfg.context)}",
         "ops_per_step": ops,
         "peak_rss_mb": round(peak_rss_mb()),

@@ -12,8 +12,16 @@ from pathlib import Path
 from moshivis_mlx.checkpoint import CheckpointError
 from moshivis_mlx.config import ModelConfig
 from moshivis_mlx.loading import DTYPES as LOAD_DTYPES
-from moshivis_mlx.loading import read_config
-from moshivis_mlx.quantize import BITS_CHOICES, DEFAULT_GROUP_SIZE, GROUP_SIZES, SENSITIVE_BITS, QuantizationPolicy
+from moshivis_mlx.loading import AUTO_CACHE, read_config
+from moshivis_mlx.quantize import (
+    BITS_CHOICES,
+    CACHE_BITS,
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZES,
+    SENSITIVE_BITS,
+    QuantizationPolicy,
+    describe_caches,
+)
 
 from .converter import ConvertError, ConvertResult, convert_checkpoint
 from .progress import ProgressLine
@@ -29,9 +37,12 @@ file, or one of ours) into a directory with config.json and model.safetensors
 that moshivis_mlx.load opens directly, optionally quantized.
 
 Default mixed policy: the temporal transformer layers get --bits; embeddings,
-text head, shared cross-attention and depformer get --sensitive-bits (8); norms
-and the image projection stay in --dtype; the vision tower too unless
---vision-bits is given."""
+text head and depformer get --sensitive-bits (8); the shared cross-attention's
+per-layer projections get --cross-attention-bits (4 at --bits 4 or fewer, else
+8); norms and the image projection stay in --dtype; the vision tower too
+unless --vision-bits is given. config.json also records how `load` stores the
+KV window and the image K/V (--kv-bits: 4 at --bits 4 or fewer, else 8;
+--image-kv-bits: 8; float for an unquantized model)."""
 
 
 def _bits_or_none(value: str) -> int | None:
@@ -40,6 +51,17 @@ def _bits_or_none(value: str) -> int | None:
     bits = int(value)
     if bits not in BITS_CHOICES:
         raise argparse.ArgumentTypeError(f"must be one of {BITS_CHOICES} or 'none'")
+    return bits
+
+
+def _cache_bits(value: str) -> "int | None | str":
+    if value.lower() in ("none", "float", "bf16"):
+        return None
+    if value == AUTO_CACHE:
+        return AUTO_CACHE
+    bits = int(value)
+    if bits not in CACHE_BITS:
+        raise argparse.ArgumentTypeError(f"must be one of {CACHE_BITS} or 'none'")
     return bits
 
 
@@ -57,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed (default): sensitive modules keep more bits; uniform: every language-model layer at --bits")
     p.add_argument("--sensitive-bits", type=_bits_or_none, default=_POLICY_DEFAULT, metavar="N|none",
                    help=f"bits of embeddings, text head, shared cross-attention and depformer in the mixed policy (default {SENSITIVE_BITS}; 'none' keeps them in --dtype)")
+    p.add_argument("--cross-attention-bits", type=_bits_or_none, default=_POLICY_DEFAULT, metavar="N|none",
+                   help="bits of the shared cross-attention's q and out projections, read by every layer "
+                   "(default 4 at --bits 4 or fewer, else 8)")
+    p.add_argument("--depformer-bits", type=_bits_or_none, default=_POLICY_DEFAULT, metavar="N|none",
+                   help=f"bits of the depformer's linear layers (default {SENSITIVE_BITS})")
+    p.add_argument("--kv-bits", type=_cache_bits, default=AUTO_CACHE, metavar="N|none",
+                   help=f"store the KV window at {'/'.join(map(str, CACHE_BITS))} bits, or 'none' (default: "
+                   "4 at --bits 4 or fewer, 8 for other quantized models, none for float ones)")
+    p.add_argument("--image-kv-bits", type=_cache_bits, default=AUTO_CACHE, metavar="N|none",
+                   help="store the image K/V at this many bits, or 'none' (default: 8 for quantized models)")
     p.add_argument("--vision-bits", type=_bits_or_none, default=None, metavar="N|none",
                    help="also quantize the SigLIP vision tower's linear layers (default: none)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
@@ -73,18 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def policy_from_args(args: argparse.Namespace) -> QuantizationPolicy | None:
+    tiers = {
+        "sensitive_bits": args.sensitive_bits,
+        "cross_attention_bits": args.cross_attention_bits,
+        "depformer_bits": args.depformer_bits,
+    }
+    tiers = {name: bits for name, bits in tiers.items() if bits != _POLICY_DEFAULT}
     if args.bits is None:
-        given = args.group_size, args.vision_bits, args.policy != "mixed", args.sensitive_bits != _POLICY_DEFAULT
+        given = args.group_size, args.vision_bits, args.policy != "mixed", bool(tiers)
         if any(x not in (None, False) for x in given):
-            raise ConvertError("--group-size, --policy, --sensitive-bits and --vision-bits need --bits")
+            raise ConvertError(
+                "--group-size, --policy, --sensitive-bits, --cross-attention-bits, --depformer-bits and "
+                "--vision-bits need --bits"
+            )
         return None
     group = args.group_size or DEFAULT_GROUP_SIZE
     if args.policy == "uniform":
-        if args.sensitive_bits != _POLICY_DEFAULT:
-            raise ConvertError("--sensitive-bits only applies to the mixed policy")
+        if tiers:
+            raise ConvertError("--sensitive-bits, --cross-attention-bits and --depformer-bits only apply to the mixed policy")
         return QuantizationPolicy.uniform(args.bits, group, vision_bits=args.vision_bits)
-    sensitive = SENSITIVE_BITS if args.sensitive_bits == _POLICY_DEFAULT else args.sensitive_bits
-    return QuantizationPolicy.mixed(args.bits, group, sensitive_bits=sensitive, vision_bits=args.vision_bits)
+    return QuantizationPolicy.mixed(args.bits, group, vision_bits=args.vision_bits, **tiers)
 
 
 def _summary(result: ConvertResult) -> list[str]:
@@ -93,6 +133,7 @@ def _summary(result: ConvertResult) -> list[str]:
         f"{result.bits_per_weight:.2f} bits per weight, from the {result.source_layout} layout, "
         f"{result.seconds:.1f} s)",
         f"quantization: {result.quantization_summary}",
+        f"caches: {describe_caches(result.caches)}",
     ]
 
 
@@ -121,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = convert_checkpoint(
             args.input, args.output, policy=policy, dtype=args.dtype, config=config, force=args.force,
-            on_start=on_start, on_tensor=on_tensor,
+            kv_bits=args.kv_bits, image_kv_bits=args.image_kv_bits, on_start=on_start, on_tensor=on_tensor,
         )
         if progress:
             progress[0].close()

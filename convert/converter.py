@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from moshivis_mlx.checkpoint import read_header, safetensors_header, write_safetensors
 from moshivis_mlx.config import ModelConfig
 from moshivis_mlx.loading import DTYPES as _DTYPE_NAMES
-from moshivis_mlx.loading import CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare
+from moshivis_mlx.loading import AUTO_CACHE, CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare, resolve_caches
 from moshivis_mlx.model import MoshiVis
 from moshivis_mlx.quantize import QuantizationPolicy, describe, model_quantization
 
@@ -44,6 +44,7 @@ class ConvertResult:
     num_params: int  # weights of the unquantized model
     quantization: dict | None
     quantization_summary: str
+    caches: dict | None  # the cache_quantization record written
     seconds: float
 
     @property
@@ -97,6 +98,7 @@ def write_checkpoint(
     quantization: dict | None,
     *,
     dtype: str,
+    caches: dict | None = None,
     force: bool = False,
     on_start=None,
     on_tensor=None,
@@ -112,6 +114,8 @@ def write_checkpoint(
     config_json = {**cfg.to_dict(), "model_type": MODEL_TYPE, "format": FORMAT}
     if quantization is not None:
         config_json["quantization"] = quantization
+    if caches is not None:
+        config_json["cache_quantization"] = caches  # how `load` stores the KV window and image K/V
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     if tmp.exists():
@@ -137,6 +141,8 @@ def convert_checkpoint(
     policy: QuantizationPolicy | None = None,
     dtype: str = "bfloat16",
     config: ModelConfig | None = None,
+    kv_bits: "int | None | str" = AUTO_CACHE,
+    image_kv_bits: "int | None | str" = AUTO_CACHE,
     force: bool = False,
     on_tensor=None,
     on_start=None,
@@ -147,6 +153,8 @@ def convert_checkpoint(
     quantized); otherwise float weights are quantized with it. An already
     quantized source is never quantized a second time: asking for its own
     quantization again is an identity, anything else an error.
+    `kv_bits` / `image_kv_bits` are recorded in config.json as the way `load`
+    stores the caches ("auto": as `load` would choose them, see `resolve_caches`).
     `on_start(total_bytes)` and `on_tensor(name, nbytes)` report progress.
     """
     started = time.monotonic()
@@ -155,12 +163,14 @@ def convert_checkpoint(
     ckpt = open_checkpoint(source, config)
     if output == ckpt.weights_path.absolute().parent or output in ckpt.weights_path.absolute().parents:
         raise ConvertError(f"{output} holds the input {ckpt.weights_path}; write to another directory")
+    caches = resolve_caches(ckpt, policy, kv_bits, image_kv_bits)
     model, weights, quantization = prepare(ckpt, dtype, policy)
     summary = describe(quantization, model, weights)
     num_tensors = len(weights)
     del model
     output, size = write_checkpoint(
-        output_dir, ckpt.cfg, weights, quantization, dtype=dtype, force=force, on_start=on_start, on_tensor=on_tensor
+        output_dir, ckpt.cfg, weights, quantization, dtype=dtype, caches=caches, force=force,
+        on_start=on_start, on_tensor=on_tensor,
     )
     return ConvertResult(
         output_dir=output,
@@ -170,6 +180,7 @@ def convert_checkpoint(
         num_params=count_parameters(ckpt.cfg),
         quantization=quantization,
         quantization_summary=summary,
+        caches=caches,
         seconds=time.monotonic() - started,
     )
 
@@ -178,5 +189,8 @@ def save_model(model: MoshiVis, output_dir: str | Path, *, force: bool = False) 
     """Save a loaded (possibly quantized) model as a checkpoint directory that `load` opens."""
     weights = dict(tree_flatten(model.parameters()))
     dtype = next(name for name, d in _DTYPE_NAMES.items() if d == model.dtype)
-    output, _ = write_checkpoint(output_dir, model.cfg, weights, model_quantization(model), dtype=dtype, force=force)
+    output, _ = write_checkpoint(
+        output_dir, model.cfg, weights, model_quantization(model), dtype=dtype, caches=model.cache_quantization,
+        force=force,
+    )
     return output

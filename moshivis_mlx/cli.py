@@ -19,6 +19,7 @@ from .conversation import Conversation, IncompatibleModelError
 from .hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
 from .mimi import MIMI_FRAME_SIZE, MIMI_SAMPLE_RATE, MimiError, load_mimi
 from .offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
+from .quantize import describe_caches
 from .sampling import SamplerConfig, TokenSampler
 from .text import TokenizerError, load_tokenizer
 
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cache_bits(value: str) -> "int | None | str":
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if value not in ("4", "5", "6", "8"):
+        raise argparse.ArgumentTypeError("must be 4, 5, 6, 8, none or auto")
+    return int(value)
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The weights and sampling flags, shared with `python -m moshivis_mlx web`."""
     weights = p.add_argument_group("weights")
@@ -92,6 +101,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     weights.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                          help="compute dtype (default auto: bfloat16, or float32 for quantized weights on a CPU, "
                               "where it is ~9x faster)")
+    weights.add_argument("--kv-bits", type=_cache_bits, default="auto", metavar="N|none",
+                         help="store the conversation's keys and values at 4, 5, 6 or 8 bits, or 'none' (default: "
+                              "4 for a 4-bit model, 8 for an 8-bit one, none for bf16): fewer bytes read per step")
+    weights.add_argument("--image-kv-bits", type=_cache_bits, default="auto", metavar="N|none",
+                         help="the same for the picture's keys and values (default: 8 for quantized models)")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--seed", type=int, help="make the answer reproducible")
     sampling.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
@@ -198,7 +212,8 @@ def load_conversation(args, images: list[tuple[str, object]]) -> Conversation:
     print(f"loading the {which} model from {files.model}", file=sys.stderr)
     mimi_limits = {"max_seq_len": args.debug_mimi_max_seq_len} if getattr(args, "debug_mimi_max_seq_len", None) else {}
     tokenizer, mimi = load_tokenizer(files.tokenizer), load_mimi(files.mimi, **mimi_limits)  # the quick ones first
-    model = load_model(files.model, dtype=args.dtype)
+    model = load_model(files.model, dtype=args.dtype, kv_bits=args.kv_bits, image_kv_bits=args.image_kv_bits)
+    print(f"caches: {describe_caches(model.cache_quantization)}", file=sys.stderr)
     if args.debug_image_delay:
         model.embed_image = _slowed(model.embed_image, args.debug_image_delay)
     conversation = Conversation(model, mimi, tokenizer, sampler=make_sampler(args))

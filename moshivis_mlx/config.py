@@ -128,6 +128,7 @@ class ModelConfig:
             return _from_fixture_config(data)
         data = dict(data)
         data.pop("quantization", None)
+        data.pop("cache_quantization", None)
         data.pop("model_type", None)
         data.pop("format", None)
         depformer = DepformerConfig(**data.pop("depformer", {}))

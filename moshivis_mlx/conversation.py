@@ -133,6 +133,8 @@ class Conversation:
         tokenizer: str | Path | None = None,
         bits: int | None = None,
         dtype: str = "auto",
+        kv_bits="auto",
+        image_kv_bits="auto",
         image=None,
         sampler: SamplerConfig | None = None,
         greedy: bool = False,
@@ -142,11 +144,12 @@ class Conversation:
         """Everything from the Hub (or local paths where given), ready to talk.
 
         `bits` picks the Hub weights: 4, 8 or 16 (bf16); the default is 8 on
-        machines with at least 24 GB of memory, else 4.
+        machines with at least 24 GB of memory, else 4. `kv_bits` and
+        `image_kv_bits` are `moshivis_mlx.load`'s.
         """
         files = resolve_files(model=model, mimi=mimi, tokenizer=tokenizer, bits=bits, repo=repo)
         return cls(
-            load_model(files.model, dtype=dtype),
+            load_model(files.model, dtype=dtype, kv_bits=kv_bits, image_kv_bits=image_kv_bits),
             load_mimi(files.mimi),
             load_tokenizer(files.tokenizer),
             image=image,

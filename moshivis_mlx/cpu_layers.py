@@ -20,7 +20,7 @@ import numpy as np
 
 from .blas import key_blocks, one_row_block_rows
 from .cores import cpu_streams, on_streams, split_rows
-from .layers import GatedFFN, RMSNorm
+from .layers import CacheQuantization, GatedFFN, RMSNorm, Stored, attention, flat_arrays
 
 
 M = TypeVar("M", bound=nn.Module)
@@ -212,7 +212,14 @@ def add_linear(residual: mx.array, layer: nn.Module, x: mx.array, alpha: float =
     return residual + (alpha * layer(x) if alpha != 1.0 else layer(x))
 
 
-def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+def attend(
+    q: mx.array,
+    keys: Stored,
+    values: Stored,
+    scale: float,
+    mask: mx.array | None = None,
+    quantization: CacheQuantization | None = None,
+) -> mx.array:
     """`softmax(scale * q keys^T) values` over the last two axes; `mask` (bool) keeps keys.
 
     What `mx.fast.scaled_dot_product_attention` computes. On the CPU MLX
@@ -221,17 +228,33 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx
     counterparts fold the scale into the RoPE tables or the norm before the
     projection) costs one operation less per attention. The heads of a large
     attention (the full-size window, the image) are split into groups, one per
-    CPU stream (see `cores`): each head is computed as before.
+    CPU stream (see `cores`): each head is computed as before. Quantized keys
+    and values (`quantization`) are attended as `layers.attention` does, by
+    the same groups of heads.
     """
     heads = q.shape[-3]
-    groups = split_rows(heads, keys.size // heads, len(cpu_streams()), multiple=1)
+    size = sum(a.size for a in flat_arrays([keys]))
+    groups = split_rows(heads, size // heads, len(cpu_streams()), multiple=1)
     if groups is None:
-        return _written_out_attention(q, keys, values, scale, mask, None)
+        return _attend_heads(q, keys, values, scale, mask, quantization, None)
     parts = [
-        _written_out_attention(q[..., a:b, :, :], keys[..., a:b, :, :], values[..., a:b, :, :], scale, mask, stream)
+        _attend_heads(q[..., a:b, :, :], _heads(keys, a, b), _heads(values, a, b), scale, mask, quantization, stream)
         for (a, b), stream in on_streams(groups)
     ]
     return mx.concatenate(parts, axis=-3)
+
+
+def _heads(stored: Stored, start: int, stop: int) -> Stored:
+    if isinstance(stored, tuple):
+        return tuple(a[..., start:stop, :, :] for a in stored)
+    return stored[..., start:stop, :, :]
+
+
+def _attend_heads(q, keys, values, scale: float, mask, quantization, stream) -> mx.array:
+    if quantization is None:
+        return _written_out_attention(q, keys, values, scale, mask, stream)
+    with mx.stream(stream if stream is not None else mx.default_stream(mx.cpu)):
+        return attention(q, keys, values, scale, mask, quantization)
 
 
 def _written_out_attention(q, keys, values, scale: float, mask, stream) -> mx.array:

@@ -27,7 +27,7 @@ from .cpu_layers import (
     scaled_norm,
 )
 from .depformer import Depformer, DepformerAttention
-from .layers import merge_heads, split_heads, write_window
+from .layers import CacheQuantization, merge_heads, split_heads, write_window
 from .siglip import VisionQuantizedLinear
 from .temporal import (
     ImageKV,
@@ -59,9 +59,9 @@ class CpuSelfAttention(SelfAttention):
         """
         rotated = RopeTables.rotate(self.in_proj(x), at.cos, at.sin).reshape(1, 3 * self.num_heads, 1, self.head_dim)
         q, k, v = mx.split(rotated, 3, axis=1)
-        keys, k_seen = write_window(keys, k, at.slot, at.visible)
-        values, v_seen = write_window(values, v, at.slot, at.visible)
-        y = attend(q, k_seen, v_seen, 1.0, at.valid)  # q carries the scale
+        keys, k_seen = write_window(keys, k, at.slot, at.visible, at.kv)
+        values, v_seen = write_window(values, v, at.slot, at.visible, at.kv)
+        y = attend(q, k_seen, v_seen, 1.0, at.valid, at.kv)  # q carries the scale
         return add_linear(residual, self.out_proj, merge_heads(y, x.ndim)), keys, values
 
 
@@ -69,7 +69,7 @@ class CpuSharedCrossAttention(SharedCrossAttention):
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
         """`x` normed and multiplied by `self.scale` (see `CpuTemporalLayer`)."""
         q = split_heads(self.q_proj(x), self.num_heads)
-        y = attend(q, image.keys, image.values, 1.0)
+        y = attend(q, image.keys, image.values, 1.0, quantization=image.quantization)
         return self.out_proj(merge_heads(y, x.ndim)).astype(x.dtype)
 
 
@@ -103,11 +103,13 @@ class CpuTemporalTransformer(TemporalTransformer):
 
     rope_tables: RopeTables
 
-    def position(self, offset: mx.array, visible: int, full: bool = False) -> TabledStepPosition:
+    def position(
+        self, offset: mx.array, visible: int, full: bool = False, kv: CacheQuantization | None = None
+    ) -> TabledStepPosition:
         cfg = self.cfg
-        at = super().position(offset, visible, full)
+        at = super().position(offset, visible, full, kv)
         cos, sin = self.rope_tables.qkv_tables(offset, cfg.num_heads, cfg.head_dim**-0.5)
-        return TabledStepPosition(at.slot, at.valid, at.offset, at.visible, cos, sin)
+        return TabledStepPosition(at.slot, at.valid, at.offset, at.visible, at.kv, cos, sin)
 
 
 class CpuDepformerAttention(DepformerAttention):

@@ -126,13 +126,13 @@ def _missing_message(repo: str, missing: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: str | Path, *, dtype: str = "auto"):
+def load_model(path: str | Path, *, dtype: str = "auto", kv_bits="auto", image_kv_bits="auto"):
     """`moshivis_mlx.load` for a resolved checkpoint: the one place the CLI and
     `Conversation.from_pretrained` load weights. A Hub file is loaded as it is:
     its bits are read from its tensors, not from its name."""
     from .loading import load
 
-    return load(path, dtype=dtype)
+    return load(path, dtype=dtype, kv_bits=kv_bits, image_kv_bits=image_kv_bits)
 
 
 def _first_line(error: Exception) -> str:

@@ -25,14 +25,18 @@ from .model import MoshiVis
 from .platform_path import PlatformPath, apply_platform_path, choose_platform_path
 from .siglip import use_vision_kernels
 from .quantize import (
+    CACHE_BITS,
     DEFAULT_GROUP_SIZE,
     QuantizationError,
     QuantizationPolicy,
     apply_quantization,
+    cache_record,
+    default_caches,
     describe,
     infer_quantization,
     quantization_config,
     quantize_weights,
+    read_cache_record,
     same_quantization,
 )
 
@@ -148,6 +152,7 @@ class OpenedCheckpoint:
     weights: dict[str, mx.array]  # our names, lazy
     quantization: dict | None  # as stored: from config.json, checked against the tensor shapes
     has_config: bool
+    caches: dict | None = None  # config.json's cache_quantization record, if any
 
 
 def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> OpenedCheckpoint:
@@ -158,12 +163,16 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
     layout = detect_layout(raw)
     with _size_hint(config is not None or config_path is not None):
         weights = to_native(raw, cfg, weights_path)
-    stored = None
+    stored = caches = None
     if config_path is not None and layout == LAYOUT_NATIVE:
         try:
-            stored = json.loads(config_path.read_text()).get("quantization")
+            record = json.loads(config_path.read_text())
+            stored = record.get("quantization")
+            caches = read_cache_record(record.get("cache_quantization"), str(config_path))
         except (json.JSONDecodeError, AttributeError) as e:
             raise CheckpointError(config_path, f"invalid model config ({e})") from None
+        except QuantizationError as e:
+            raise CheckpointError(config_path, str(e)) from None
     skeleton = MoshiVis(cfg)  # lazy: its random init is never evaluated
     with _size_hint(config is not None or config_path is not None):
         try:
@@ -183,6 +192,7 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Open
         weights=weights,
         quantization=stored if stored is not None else inferred,
         has_config=config is not None or config_path is not None,
+        caches=caches,
     )
 
 
@@ -259,6 +269,33 @@ def quantization_request(bits: int | None, group_size: int, policy: Quantization
     return policy
 
 
+AUTO_CACHE = "auto"
+
+
+def resolve_caches(
+    ckpt: OpenedCheckpoint,
+    policy: QuantizationPolicy | None,
+    kv_bits: "int | None | str" = AUTO_CACHE,
+    image_kv_bits: "int | None | str" = AUTO_CACHE,
+) -> dict | None:
+    """How the model's caches are stored: each of `kv_bits` / `image_kv_bits` as
+    given, else the policy's (quantizing on load), else what config.json
+    records, else the default for the weights' quantization (`default_caches`)."""
+    if policy is not None:
+        base = policy.caches
+    elif ckpt.caches is not None:
+        base = ckpt.caches
+    else:
+        base = default_caches(ckpt.quantization)
+    base = base or {"kv_bits": None, "image_kv_bits": None}
+    kv = base["kv_bits"] if kv_bits == AUTO_CACHE else kv_bits
+    image_kv = base["image_kv_bits"] if image_kv_bits == AUTO_CACHE else image_kv_bits
+    for name, bits in (("kv_bits", kv), ("image_kv_bits", image_kv)):
+        if bits is not None and bits not in CACHE_BITS:
+            raise ValueError(f"{name} must be one of {CACHE_BITS}, None or {AUTO_CACHE!r}, got {bits!r}")
+    return cache_record(kv, image_kv)
+
+
 def prepare(
     ckpt: OpenedCheckpoint, dtype: str, policy: QuantizationPolicy | None
 ) -> tuple[MoshiVis, dict[str, mx.array], dict | None]:
@@ -300,6 +337,8 @@ def load(
     bits: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     policy: QuantizationPolicy | None = None,
+    kv_bits: "int | None | str" = AUTO_CACHE,
+    image_kv_bits: "int | None | str" = AUTO_CACHE,
     lazy: bool = False,
 ) -> MoshiVis:
     """Load a MoshiVis checkpoint: a file or a directory (model.safetensors + config.json).
@@ -313,6 +352,10 @@ def load(
     checkpoint on load with the default mixed policy (see `quantize.py`);
     `policy` gives full control instead. Tensors are read and quantized one at
     a time, so memory never holds the float and the quantized model together.
+    `kv_bits` / `image_kv_bits` store the KV window and the image K/V quantized
+    (4, 5, 6 or 8) or in the compute dtype (None); "auto" takes the policy's,
+    else what config.json records, else 4/8 for a 4-bit checkpoint, 8/8 for an
+    8-bit one and float for a float one (see `quantize.QuantizationPolicy.mixed`).
     `lazy=True` checks every name and shape but reads no tensor data.
 
     The model then runs the path chosen for this device (`platform_path`,
@@ -327,7 +370,10 @@ def load(
     ckpt = open_checkpoint(path, config)
     quantized = policy is not None or ckpt.quantization is not None
     compute_dtype = resolve_dtype(dtype, quantized, platform)
+    caches = resolve_caches(ckpt, policy, kv_bits, image_kv_bits)
     model, weights, _ = prepare(ckpt, compute_dtype, policy)
+    if caches is not None:
+        model.quantize_caches(caches["kv_bits"], caches["image_kv_bits"], caches["group_size"])
     model.load_weights(list(weights.items()), strict=True)
     del weights
     model.eval()

@@ -83,8 +83,8 @@ class Stream:
             if s.repetition_penalty != 1.0
             else None
         )
-        # One function per (cross-attention on?, visible window slots, window full?).
-        self._frame_fns: dict[tuple[bool, int, bool], Callable] = {}
+        # One function per (image K/V storage or False without the image, visible window slots, window full?).
+        self._frame_fns: dict[tuple, Callable] = {}
         self._no_gate = mx.zeros((), mx.float32)  # the gate of a step without the image
         # The text that step t outputs was sampled this many steps earlier: its gate is kept until then.
         self._text_lag = cfg.max_delay - int(self._delays[0])
@@ -136,7 +136,9 @@ class Stream:
         """The model's work for one frame, as a pure function of arrays."""
         model = self.model
         x = model.embed_tokens(tokens_in)  # (1, dim): one step travels 2-D
-        x, keys, values, gate = model.transformer(x, keys, values, offset, visible, image, full)
+        x, keys, values, gate = model.transformer(
+            x, keys, values, offset, visible, image, full, self._window.quantization
+        )
         temporal_out = model.out_norm(x)  # (1, dim)
         text_logits = model.text_linear(temporal_out)  # (1, text_card)
 
@@ -155,17 +157,20 @@ class Stream:
         return outputs if gate is None else (*outputs, gate)  # a compiled function returns arrays only
 
     def _frame_fn(self, with_image: bool, visible: int, full: bool) -> Callable:
-        fn = self._frame_fns.get((with_image, visible, full))
+        image_storage = with_image and (self.image.quantization or "float")
+        fn = self._frame_fns.get((image_storage, visible, full, self._window.quantization))
         if fn is None:
             if with_image:
+                image_quantization = self.image.quantization
+
                 def frame(tokens_in, keys, values, offset, key, recent, image_keys, image_values):
-                    image = ImageKV(image_keys, image_values)
+                    image = ImageKV(image_keys, image_values, image_quantization)
                     return self._frame(tokens_in, keys, values, offset, key, recent, image, visible, full)
             else:
                 def frame(tokens_in, keys, values, offset, key, recent):
                     return self._frame(tokens_in, keys, values, offset, key, recent, None, visible, full)
             fn = mx.compile(frame) if self.compiled else frame
-            self._frame_fns[(with_image, visible, full)] = fn
+            self._frame_fns[(image_storage, visible, full, self._window.quantization)] = fn
         return fn
 
     def step(self, user_codes) -> StepOutput:

@@ -10,10 +10,13 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .layers import (
+    CacheQuantization,
     FusedQKVAttention,
     GatedFFN,
     KVWindow,
     RMSNorm,
+    attention,
+    flat_arrays,
     merge_heads,
     split_heads,
     visible_slots,
@@ -34,6 +37,7 @@ class StepPosition:
     valid: mx.array | None  # (visible,) bool: slots that hold a key; None once all do
     offset: mx.array  # () the step's absolute index: its RoPE position
     visible: int  # window slots read (see `visible_slots`)
+    kv: CacheQuantization | None = None  # how the window stores keys and values
 
 
 class SelfAttention(FusedQKVAttention):
@@ -53,9 +57,9 @@ class SelfAttention(FusedQKVAttention):
         """One step: `x` (1, dim) normed; returns (attention output, keys, values)."""
         q, k, v = (split_heads(t, self.num_heads) for t in mx.split(self.in_proj(x), 3, axis=-1))  # (1, H, 1, D)
         q, k = self.rope(q, at.offset), self.rope(k, at.offset)
-        keys, k_seen = write_window(keys, k, at.slot, at.visible)
-        values, v_seen = write_window(values, v, at.slot, at.visible)
-        y = mx.fast.scaled_dot_product_attention(q, k_seen, v_seen, scale=self.scale, mask=at.valid)
+        keys, k_seen = write_window(keys, k, at.slot, at.visible, at.kv)
+        values, v_seen = write_window(values, v, at.slot, at.visible, at.kv)
+        y = attention(q, k_seen, v_seen, self.scale, at.valid, at.kv)
         return self.out_proj(merge_heads(y, x.ndim)), keys, values
 
     def forward_sequence(self, x: mx.array, mask: mx.array) -> mx.array:
@@ -69,12 +73,23 @@ class SelfAttention(FusedQKVAttention):
 class ImageKV:
     """Cross-attention keys and values of one image, shared by every layer and step."""
 
-    keys: mx.array  # (1, H, N, head_dim)
-    values: mx.array  # (1, H, N, head_dim)
+    keys: "mx.array | tuple[mx.array, ...]"  # (1, H, N, head_dim), or (packed, scales, biases)
+    values: "mx.array | tuple[mx.array, ...]"
+    quantization: CacheQuantization | None = None
 
     @property
     def num_tokens(self) -> int:
-        return self.keys.shape[2]
+        return (self.keys[0] if self.quantization else self.keys).shape[2]
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return flat_arrays([self.keys, self.values])
+
+    def quantized(self, quantization: CacheQuantization | None) -> "ImageKV":
+        """These K/V stored with `quantization` (None: as they are)."""
+        if quantization is None or self.quantization is not None:
+            return self
+        return ImageKV(quantization.pack(self.keys), quantization.pack(self.values), quantization)
 
 
 class SharedCrossAttention(nn.Module):
@@ -109,7 +124,7 @@ class SharedCrossAttention(nn.Module):
     def __call__(self, x: mx.array, image: ImageKV) -> mx.array:
         """`x` normed: (B, T, dim), or one step (B, dim)."""
         q = split_heads(self.q_proj(x), self.num_heads)
-        y = mx.fast.scaled_dot_product_attention(q, image.keys, image.values, scale=self.scale)
+        y = attention(q, image.keys, image.values, self.scale, quantization=image.quantization)
         return self.out_proj(merge_heads(y, x.ndim)).astype(x.dtype)
 
 
@@ -174,19 +189,25 @@ class TemporalTransformer(nn.Module):
         self.layers = [TemporalLayer(cfg) for _ in range(cfg.num_layers)]
         # Stored once; every layer borrows it.
         self.cross_attention = SharedCrossAttention(cfg.dim, cfg.num_heads)
+        # How windows made from now on, and image K/V, are stored (see `MoshiVis.quantize_caches`).
+        self.kv_quantization: CacheQuantization | None = None
+        self.image_kv_quantization: CacheQuantization | None = None
 
-    def position(self, offset: mx.array, visible: int, full: bool = False) -> StepPosition:
+    def position(
+        self, offset: mx.array, visible: int, full: bool = False, kv: CacheQuantization | None = None
+    ) -> StepPosition:
         """Step `offset`'s slot and valid-slot mask, for all layers at once.
 
         `full`: every slot holds a key (offset >= context - 1), so no mask.
+        `kv`: how the window stores keys and values.
         """
         slot = (offset % self.cfg.context).reshape(1)
         valid = None if full else mx.arange(visible) <= offset
-        return StepPosition(slot, valid, offset, visible)
+        return StepPosition(slot, valid, offset, visible, kv)
 
     def make_cache(self, dtype: mx.Dtype) -> KVWindow:
         cfg = self.cfg
-        return KVWindow(cfg.num_layers, cfg.context, cfg.num_heads, cfg.head_dim, dtype)
+        return KVWindow(cfg.num_layers, cfg.context, cfg.num_heads, cfg.head_dim, dtype, self.kv_quantization)
 
     def __call__(
         self,
@@ -197,12 +218,13 @@ class TemporalTransformer(nn.Module):
         visible: int,
         image: ImageKV | None,
         full: bool = False,
+        kv: CacheQuantization | None = None,
     ) -> tuple[mx.array, list[mx.array], list[mx.array], mx.array | None]:
         """One step (1, dim); returns the output, the updated per-layer keys/values
         and the step's gate: the mean cross-attention gate of the last
         `GATE_MEAN_LAYERS` layers, a float32 scalar (None without an image).
-        `full`: the window is full (see `position`)."""
-        at = self.position(offset, visible, full)
+        `full`: the window is full; `kv`: how it stores keys and values (see `position`)."""
+        at = self.position(offset, visible, full, kv)
         new_keys, new_values, gates = [], [], []
         for layer, k, v in zip(self.layers, keys, values):
             x, k, v, gate = layer(x, k, v, at, self.cross_attention, image)
@@ -218,7 +240,8 @@ class TemporalTransformer(nn.Module):
         """Uncompiled convenience: one step that updates `cache` in place."""
         visible = visible_slots(offset, cache.size)
         x, cache.keys, cache.values, _ = self(
-            x, cache.keys, cache.values, mx.array(offset), visible, image, window_full(offset, cache.size)
+            x, cache.keys, cache.values, mx.array(offset), visible, image, window_full(offset, cache.size),
+            cache.quantization,
         )
         return x
 

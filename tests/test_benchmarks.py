@@ -43,3 +43,25 @@ def test_conversation_benchmark_reports_serial_pipelined_and_real_time():
     assert set(result["pipelined"]["stages"]) == {"encode", "model", "decode"}
     assert result["serial"]["period"]["median_ms"] > 0 and result["real_time"]["latency"]["median_ms"] > 0
     assert result["mimi_waits_for_a_load"] == 0 and result["date"]
+
+
+def test_bytes_benchmark_prints_one_line_per_policy_and_the_default_meets_issue_21():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bytes.py")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {r["policy"]: r for r in map(json.loads, out.stdout.strip().splitlines())}
+    before, default = lines["q4 mixed before"], lines["q4 mixed (default)"]
+    assert before["with_image_full_window_gb"]["total"] == 7.874  # what issue 21 measured
+    full = default["with_image_full_window_gb"]
+    assert full["total"] <= 6.0 and (default["kv_bits"], default["image_kv_bits"]) == (4, 8)
+    assert abs(full["total"] - sum(v for k, v in full.items() if k != "total")) < 0.005  # parts rounded to 1 MB
+
+
+def test_quantization_benchmark_reports_errors_and_agreement_per_setup():
+    command = [sys.executable, str(BENCHMARKS / "bench_quantization.py"), "--json"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["setup"]: r for r in map(json.loads, out.stdout.strip().splitlines())}
+    assert rows["bf16"]["text_error_vs_official"] < 3e-5 and rows["bf16"]["greedy_agreement_vs_official"] == 1.0
+    default = rows["q4 mixed (default)"]
+    assert default["with_image_full_window_gb"] <= 6.0
+    assert default["text_error_vs_official"] <= rows["q4 uniform (as upstream)"]["text_error_vs_official"]
