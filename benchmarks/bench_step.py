@@ -210,7 +210,8 @@ def quantize_as_loaded(model: mv.MoshiVis, bits: int, **tiers) -> None:
     model.quantize_caches(policy.kv_bits, policy.image_kv_bits)
     config = quantization_config(model, policy)
     for path, module in quantizable_modules(model).items():
-        if config.get(path):  # one module at a time: the float weights go as their quantized ones come
+        random_weights(module, mx.bfloat16)  # made here, one module at a time: the float model never exists whole
+        if config.get(path):
             quantized = module.to_quantized(**config[path])
             mx.eval(quantized.parameters())
             model.update_modules(tree_unflatten([(path, quantized)]))
@@ -309,7 +310,8 @@ def main() -> None:
         cfg.xa_start = 0  # every timed step is a step with the image (the released model waits 16 steps)
     mx.random.seed(0)
     model = mv.MoshiVis(cfg)
-    random_weights(model, getattr(mx, dtype))
+    if not args.bits:
+        random_weights(model, getattr(mx, dtype))
     tiers = {
         name: value
         for name, value in (("cross_attention_bits", args.cross_attention_bits), ("kv_bits", args.kv_bits),

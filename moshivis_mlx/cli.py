@@ -93,7 +93,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     which = weights.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH", help="a local checkpoint (file or directory) instead of the Hub's")
     which.add_argument("-q", "--quantize", type=int, choices=(4, 8),
-                       help="Hub weights with 4- or 8-bit quantization (default: 8 with 24 GB of memory or more, else 4)")
+                       help="Hub weights with 4- or 8-bit quantization (default: 8 with 24 GB of memory or more on a Pro, Max or Ultra chip, else 4)")
     which.add_argument("--bf16", action="store_true", help="the Hub's unquantized bf16 weights (16 GB)")
     weights.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO", help=f"default {DEFAULT_REPO}")
     weights.add_argument("--mimi", metavar="PATH", help="a local Mimi checkpoint (.safetensors)")

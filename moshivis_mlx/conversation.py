@@ -143,9 +143,9 @@ class Conversation:
     ) -> "Conversation":
         """Everything from the Hub (or local paths where given), ready to talk.
 
-        `bits` picks the Hub weights: 4, 8 or 16 (bf16); the default is 8 on
-        machines with at least 24 GB of memory, else 4. `kv_bits` and
-        `image_kv_bits` are `moshivis_mlx.load`'s.
+        `bits` picks the Hub weights: 4, 8 or 16 (bf16); the default is 8 with at
+        least 24 GB of memory on a chip fast enough for its step (`hub.default_bits`),
+        else 4. `kv_bits` and `image_kv_bits` are `moshivis_mlx.load`'s.
         """
         files = resolve_files(model=model, mimi=mimi, tokenizer=tokenizer, bits=bits, repo=repo)
         return cls(

@@ -235,14 +235,18 @@ def add_allocator(report: Report, rows: list[tuple[str, str]]) -> None:
 
 def add_weights(report: Report) -> None:
     """The weights the CLI picks for this memory, and which of the repository's files are cached."""
-    from .hub import (DEFAULT_REPO, LARGE_MEMORY_BYTES, MIMI_FILE, MODEL_FILES, TOKENIZER_FILE, default_bits,
-                      total_memory_bytes)
+    from .hub import (DEFAULT_REPO, EIGHT_BIT_MIN_BANDWIDTH_GBPS, LARGE_MEMORY_BYTES, MIMI_FILE, MODEL_FILES,
+                      TOKENIZER_FILE, apple_chip, chip_bandwidth_gbps, default_bits, total_memory_bytes)
 
     rows = report.section("memory and weights")
-    memory = total_memory_bytes()
-    bits = default_bits(memory)
+    memory, chip = total_memory_bytes(), apple_chip()
+    bits = default_bits(memory, chip)
     rows.append(("memory", "unknown" if memory is None else f"{memory / _GIB:.1f} GiB"))
-    rule = f"8-bit from {LARGE_MEMORY_BYTES / _GIB:g} GiB of memory, else 4-bit; -q 4, -q 8 or --bf16 choose"
+    if chip is not None:
+        bandwidth = chip_bandwidth_gbps(chip)
+        rows.append(("chip", f"Apple {chip}, " + (f"{bandwidth:g} GB/s" if bandwidth else "bandwidth not known")))
+    rule = (f"8-bit from {LARGE_MEMORY_BYTES / _GIB:g} GiB of memory on a chip reading at least "
+            f"{EIGHT_BIT_MIN_BANDWIDTH_GBPS} GB/s, else 4-bit; -q 4, -q 8 or --bf16 choose")
     rows.append(("default weights", f"{bits}-bit, {MODEL_FILES[bits]} from {DEFAULT_REPO} ({rule})"))
     cache = hub_cache()
     if cache is None:

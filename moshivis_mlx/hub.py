@@ -8,6 +8,8 @@ message that names every missing file and the ways to provide it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,19 @@ MODEL_FILES = {4: "model.q4.safetensors", 8: "model.q8.safetensors", 16: "model.
 BF16 = 16  # "bits" of the unquantized file
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
-LARGE_MEMORY_BYTES = 24 * 2**30  # from here on the 8-bit model (10.4 GB) is the default
+LARGE_MEMORY_BYTES = 24 * 2**30  # from here on the 8-bit model (10.4 GB) is the default...
+# ...if the chip reads its step fast enough: the 8-bit model reads 10.24 GB per step with the
+# image on and a full window (benchmarks/bench_bytes.py); at 171 GB/s that is 60 ms, 3/4 of an
+# 80 ms frame. Slower chips get the 4-bit model (5.96-6.09 GB), which keeps up on all of them.
+EIGHT_BIT_MIN_BANDWIDTH_GBPS = 171
+# Unified memory bandwidth of each Apple Silicon chip, GB/s, as Apple announced it (the lower
+# figure where a chip came in two; M1's is its LPDDR4X-4266 x 128-bit bus). README: "Speed on a Mac".
+APPLE_BANDWIDTH_GBPS = {
+    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max": 300, "M3 Ultra": 819,
+    "M4": 120, "M4 Pro": 273, "M4 Max": 410,
+}
 _GIB = 2**30
 
 
@@ -39,10 +53,31 @@ def total_memory_bytes() -> int | None:
         return None
 
 
-def default_bits(memory_bytes: int | None = None) -> int:
-    """8-bit with at least 24 GB of memory, else 4-bit (which is audibly worse)."""
+def apple_chip() -> str | None:
+    """'M2 Pro' on an Apple Silicon Mac, else None."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return brand.removeprefix("Apple ").strip() or None
+
+
+def chip_bandwidth_gbps(chip: str | None) -> float | None:
+    return APPLE_BANDWIDTH_GBPS.get(chip) if chip else None
+
+
+def default_bits(memory_bytes: int | None = None, chip: str | None = "this Mac's") -> int:
+    """8-bit with at least 24 GB of memory on a chip whose bandwidth keeps its step within
+    3/4 of a frame, else 4-bit (audibly worse, but real time on every Apple Silicon chip).
+    A chip not in `APPLE_BANDWIDTH_GBPS` (newer ones) is judged by its memory alone."""
     memory = total_memory_bytes() if memory_bytes is None else memory_bytes
-    return 8 if memory is not None and memory >= LARGE_MEMORY_BYTES else 4
+    if memory is None or memory < LARGE_MEMORY_BYTES:
+        return 4
+    bandwidth = chip_bandwidth_gbps(apple_chip() if chip == "this Mac's" else chip)
+    return 4 if bandwidth is not None and bandwidth < EIGHT_BIT_MIN_BANDWIDTH_GBPS else 8
 
 
 def resolve_files(
