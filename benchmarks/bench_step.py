@@ -209,12 +209,14 @@ def quantize_as_loaded(model: mv.MoshiVis, bits: int, **tiers) -> None:
     policy = QuantizationPolicy.mixed(bits, **tiers)
     model.quantize_caches(policy.kv_bits, policy.image_kv_bits)
     config = quantization_config(model, policy)
-    for path, module in quantizable_modules(model).items():
+    for path in list(quantizable_modules(model)):
+        module = dict(model.named_modules())[path]  # no list of modules holding every float weight
         random_weights(module, mx.bfloat16)  # made here, one module at a time: the float model never exists whole
         if config.get(path):
             quantized = module.to_quantized(**config[path])
             mx.eval(quantized.parameters())
             model.update_modules(tree_unflatten([(path, quantized)]))
+        del module
     model.set_dtype(getattr(mx, resolve_dtype("auto", quantized=True)))
     mx.eval(model.parameters())
 
