@@ -30,7 +30,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
-from moshivis_mlx.quantize import QuantizationPolicy, quantization_config  # noqa: E402
+from moshivis_mlx.weights.quantize import QuantizationPolicy, quantization_config  # noqa: E402
 
 GB = 1e9
 ACT = 2  # bf16 activations, K/V and image K/V

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
-from moshivis_mlx.malloc import restart_with_jemalloc  # noqa: E402
+from moshivis_mlx.cpu.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.cpu.malloc import restart_with_jemalloc  # noqa: E402
 
 restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
@@ -48,8 +48,8 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
-from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
-from moshivis_mlx.mimi import MIMI_CODEBOOK_SIZE, MAX_SEQ_LEN, InProcess, RenewingCodec, load_mimi  # noqa: E402
+from moshivis_mlx.cpu.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
+from moshivis_mlx.audio.mimi import MIMI_CODEBOOK_SIZE, MAX_SEQ_LEN, InProcess, RenewingCodec, load_mimi  # noqa: E402
 from machine import describe_machine  # noqa: E402
 from talk_support import FakeCodec, build_model, random_mimi, rss_bytes, speech_like, train_tokenizer  # noqa: E402
 

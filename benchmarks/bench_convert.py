@@ -16,7 +16,7 @@ Random bf16 values (random sign and mantissa, magnitudes in [2^-7, 2^-6))
 stand in for weights: quantization costs the same whatever the values.
 
 Each process loads the optimized system BLAS first, as `python -m moshivis_mlx
-convert` does (`moshivis_mlx.blas`); `--blas bundled` measures with MLX's own BLAS
+convert` does (`moshivis_mlx.cpu.blas`); `--blas bundled` measures with MLX's own BLAS
 instead, `--blas both` one after the other.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe_machine  # noqa: E402  (benchmarks/machine.py)
-from moshivis_mlx.blas import OPT_OUT_VARIABLE  # noqa: E402  (imports nothing from MLX)
+from moshivis_mlx.cpu.blas import OPT_OUT_VARIABLE  # noqa: E402  (imports nothing from MLX)
 
 _POOL_BYTES = 256 * 2**20  # random bf16 values reused at random offsets
 _BF16_SIGN_AND_MANTISSA = 0x807F
@@ -85,7 +85,7 @@ def _timed(code: str, blas: str) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GiB, stdout) of Python `code` run in a fresh process,
     with the optimized system BLAS loaded first unless `blas` is "bundled"."""
     wrapped = (
-        "from moshivis_mlx.blas import use_optimized_blas\n"
+        "from moshivis_mlx.cpu.blas import use_optimized_blas\n"
         "print('blas:', use_optimized_blas())\n"  # MOSHIVIS_MLX_BLAS=bundled makes it a no-op
         f"{code}\nimport resource\n"
         f"print({_RSS_MARK!r}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * {_RSS_UNIT})"
@@ -132,7 +132,7 @@ def main() -> None:
             for bits in args.bits:
                 out = args.workdir / f"q{bits}"
                 argv = [str(source), str(out), f"--bits={bits}", "--force", "--quiet"]
-                wall, rss, stdout = _timed(f"from convert.cli import main\nassert main({argv!r}) == 0", blas)
+                wall, rss, stdout = _timed(f"from moshivis_mlx.weights.convert.cli import main\nassert main({argv!r}) == 0", blas)
                 print(f"convert bf16 -> q{bits}: {wall:.0f} s wall, peak RSS {rss:.2f} GiB")
                 print("  " + stdout.strip().replace("\n", "\n  "))
                 if not args.skip_load:

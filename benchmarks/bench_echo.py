@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe_machine  # noqa: E402
-from moshivis_mlx.echo import EchoCanceller  # noqa: E402
+from moshivis_mlx.audio.echo import EchoCanceller  # noqa: E402
 
 RATE = 24000
 BLOCK = 1920  # 80 ms

@@ -19,7 +19,7 @@ Timed: one call of the tower on preprocessed pixels (the first call, as an
 app would see it, unless --repeats > 1: then the best), plus, separately,
 decoding and resizing a 1920 x 1080 JPEG. On Linux, MLX's CPU wheel ships a
 reference BLAS; the system OpenBLAS is used when installed
-(`moshivis_mlx.blas`), and `--blas bundled` / `both` measures without it.
+(`moshivis_mlx.cpu.blas`), and `--blas bundled` / `both` measures without it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshivis_mlx.blas import OPT_OUT_VARIABLE, use_optimized_blas  # noqa: E402
-from moshivis_mlx.malloc import restart_with_jemalloc  # noqa: E402
+from moshivis_mlx.cpu.blas import OPT_OUT_VARIABLE, use_optimized_blas  # noqa: E402
+from moshivis_mlx.cpu.malloc import restart_with_jemalloc  # noqa: E402
 
 restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
@@ -49,11 +49,11 @@ BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from moshivis_mlx.config import VisionConfig  # noqa: E402
-from moshivis_mlx.cpu_model import VISION_COUNTERPARTS, to_cpu_counterparts  # noqa: E402
-from moshivis_mlx.image import preprocess  # noqa: E402
-from moshivis_mlx.platform_path import CPU, choose_platform_path  # noqa: E402
-from moshivis_mlx.siglip import (  # noqa: E402
+from moshivis_mlx.model.config import VisionConfig  # noqa: E402
+from moshivis_mlx.cpu.model import VISION_COUNTERPARTS, to_cpu_counterparts  # noqa: E402
+from moshivis_mlx.model.image import preprocess  # noqa: E402
+from moshivis_mlx.cpu.platform_path import CPU, choose_platform_path  # noqa: E402
+from moshivis_mlx.model.siglip import (  # noqa: E402
     SiglipVisionTower,
     is_quantizable_vision_layer,
     quantize_vision_tower,
@@ -148,9 +148,9 @@ def time_projection() -> dict:
     """Features (1024, 1152) -> the image's cross-attention K/V, released shapes, bf16 weights,
     computed in bf16 and in float32 (what `MoshiVis.image_kv_from_features` picks on a CPU with BLAS)."""
     from bench_step import random_weights
-    from moshivis_mlx.config import ModelConfig
-    from moshivis_mlx.model import ImageProjection
-    from moshivis_mlx.temporal import SharedCrossAttention
+    from moshivis_mlx.model.config import ModelConfig
+    from moshivis_mlx.model.model import ImageProjection
+    from moshivis_mlx.model.temporal import SharedCrossAttention
 
     cfg = ModelConfig()
     prefix, xa = ImageProjection(cfg), SharedCrossAttention(cfg.dim, cfg.num_heads)

@@ -5,7 +5,7 @@
     python benchmarks/bench_mimi.py frame-times [--frames 170]   # load_mimi with 60-frame lives, a reset at 20
 
 `speed` times encode_step and decode_step of one 80 ms frame (real time is
-80 ms for both). `renewal` checks the claim behind `moshivis_mlx.mimi.RenewingCodec`:
+80 ms for both). `renewal` checks the claim behind `moshivis_mlx.audio.mimi.RenewingCodec`:
 an instance fed the last RENEWAL_OVERLAP_FRAMES frames is in the same state as
 one that saw the whole stream. It runs one long-lived instance and one that is
 renewed mid-stream on the same speech-like input and codes, and compares their
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import describe_machine  # noqa: E402
-from moshivis_mlx.mimi import (  # noqa: E402
+from moshivis_mlx.audio.mimi import (  # noqa: E402
     DECODE, ENCODE, MIMI_FRAME_SIZE, RENEWAL_OVERLAP_FRAMES, InProcess, RenewingCoder, RustyMimi, load_mimi,
 )
 from talk_support import random_mimi, speech_like  # noqa: E402

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
-from moshivis_mlx.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
+from moshivis_mlx.cpu.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.cpu.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
 
 restart_with_jemalloc()
 BLAS = use_optimized_blas()
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
 from bench_step import dispatch_config, random_weights  # noqa: E402
-from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
+from moshivis_mlx.cpu.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 
 
 def chain(kind: str, length: int):

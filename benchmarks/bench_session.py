@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-# Process start, kept across the restart with jemalloc (see moshivis_mlx/malloc.py): that restart is
+# Process start, kept across the restart with jemalloc (see moshivis_mlx/cpu/malloc.py): that restart is
 # part of what a user waits for.
 _STARTED_AT = float(os.environ.setdefault("MOSHIVIS_MLX_BENCH_STARTED_AT", repr(time.time())))
 START = time.perf_counter() - (time.time() - _STARTED_AT)
@@ -32,8 +32,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
-from moshivis_mlx.malloc import restart_with_jemalloc  # noqa: E402
+from moshivis_mlx.cpu.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.cpu.malloc import restart_with_jemalloc  # noqa: E402
 
 restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
@@ -43,7 +43,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
-from moshivis_mlx.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
+from moshivis_mlx.cpu.platform_path import apply_platform_path, choose_platform_path  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -86,7 +86,7 @@ def random_checkpoint(directory: str, layers: int | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mlx.utils import tree_flatten
 
-    from convert.converter import write_checkpoint
+    from moshivis_mlx.weights.convert.converter import write_checkpoint
 
     cfg = mv.moshika_vis()
     cfg.num_layers = layers or cfg.num_layers

@@ -36,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshivis_mlx.blas import use_optimized_blas  # noqa: E402
-from moshivis_mlx.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
+from moshivis_mlx.cpu.blas import use_optimized_blas  # noqa: E402
+from moshivis_mlx.cpu.malloc import restart_with_jemalloc, status as malloc_status  # noqa: E402
 
 restart_with_jemalloc()  # MOSHIVIS_MLX_MALLOC=system measures with glibc's malloc
 
@@ -46,10 +46,10 @@ BLAS = use_optimized_blas()  # MOSHIVIS_MLX_BLAS=bundled measures without it
 import mlx.core as mx  # noqa: E402
 
 import moshivis_mlx as mv  # noqa: E402
-from moshivis_mlx.cores import cpu_streams  # noqa: E402
-from moshivis_mlx.layers import visible_slots  # noqa: E402
-from moshivis_mlx.loading import float32_parts_dtype  # noqa: E402
-from moshivis_mlx.platform_path import CPU, apply_platform_path, choose_platform_path  # noqa: E402
+from moshivis_mlx.cpu.cores import cpu_streams  # noqa: E402
+from moshivis_mlx.model.layers import visible_slots  # noqa: E402
+from moshivis_mlx.weights.loading import float32_parts_dtype  # noqa: E402
+from moshivis_mlx.cpu.platform_path import CPU, apply_platform_path, choose_platform_path  # noqa: E402
 
 PATH = choose_platform_path()  # as `load` chooses it (MOSHIVIS_MLX_FORCE_GPU_PATH=1: what a GPU runs)
 
@@ -170,9 +170,9 @@ def component_times(model: mv.MoshiVis, image: mv.ImageKV | None, steps: int) ->
 
 
 def depformer_only(dtype: str, steps: int) -> dict:
-    from moshivis_mlx.cpu_layers import keep_transposed_weights
-    from moshivis_mlx.cpu_model import to_cpu_counterparts
-    from moshivis_mlx.depformer import Depformer
+    from moshivis_mlx.cpu.layers import keep_transposed_weights
+    from moshivis_mlx.cpu.model import to_cpu_counterparts
+    from moshivis_mlx.model.depformer import Depformer
 
     cfg = mv.moshika_vis()
     depformer = Depformer(cfg)
@@ -203,8 +203,8 @@ def quantize_as_loaded(model: mv.MoshiVis, bits: int, **tiers) -> None:
     (float32 on a CPU)."""
     from mlx.utils import tree_unflatten
 
-    from moshivis_mlx.loading import resolve_dtype
-    from moshivis_mlx.quantize import QuantizationPolicy, quantizable_modules, quantization_config
+    from moshivis_mlx.weights.loading import resolve_dtype
+    from moshivis_mlx.weights.quantize import QuantizationPolicy, quantizable_modules, quantization_config
 
     policy = QuantizationPolicy.mixed(bits, **tiers)
     model.quantize_caches(policy.kv_bits, policy.image_kv_bits)
@@ -227,8 +227,8 @@ def _bits_or_none(value: str) -> "int | None | str":
 
 def attention_times(dtype: str, steps: int) -> dict:
     """ms per step of 32 layers' window and image attention, float vs quantized K/V."""
-    from moshivis_mlx.cpu_layers import attend
-    from moshivis_mlx.layers import CacheQuantization, attention
+    from moshivis_mlx.cpu.layers import attend
+    from moshivis_mlx.model.layers import CacheQuantization, attention
 
     if PATH.kind == CPU:  # as the CPU counterparts attend: heads split over the CPU streams
         attention = attend

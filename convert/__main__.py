@@ -1,7 +1,10 @@
-from moshivis_mlx.blas import use_optimized_blas
+"""`python -m convert ...` from the repository's root: the same as `python -m moshivis_mlx convert ...`.
 
-use_optimized_blas()  # before MLX loads: the --report forward passes run float32 matmuls
+The converter itself is `moshivis_mlx.weights.convert`; this folder is only this entry point and is not
+installed (a global package named `convert` would shadow any other)."""
 
-from .cli import main  # noqa: E402
+import sys
 
-raise SystemExit(main())
+from moshivis_mlx.__main__ import convert
+
+sys.exit(convert())

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from moshivis_mlx.blas import use_optimized_blas
+from moshivis_mlx.cpu.blas import use_optimized_blas
 
 use_optimized_blas()  # Linux: route MLX's float32 matmuls to OpenBLAS, before MLX loads
 

@@ -14,13 +14,13 @@ import argparse
 
 import numpy as np
 
-from moshivis_mlx.blas import use_optimized_blas
+from moshivis_mlx.cpu.blas import use_optimized_blas
 
 use_optimized_blas()  # Linux: route MLX's float32 matmuls to OpenBLAS, before MLX loads
 
 import moshivis_mlx  # noqa: E402
-from moshivis_mlx.audio_io import WavWriter, read_wav_mono, write_text  # noqa: E402
-from moshivis_mlx.offline import converse_offline  # noqa: E402
+from moshivis_mlx.audio.wav import WavWriter, read_wav_mono, write_text  # noqa: E402
+from moshivis_mlx.session.offline import converse_offline  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """MoshiVis, Kyutai's vision-speech model, on Apple Silicon with MLX.
 
 Names are imported on first use, so `import moshivis_mlx` is instant and
-`moshivis_mlx.blas` can run before MLX itself is loaded.
+`moshivis_mlx.cpu.blas` can run before MLX itself is loaded.
 """
 
 from __future__ import annotations
@@ -10,27 +10,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "CheckpointError": "checkpoint",
-    "Conversation": "conversation",
-    "ConversationClosed": "pipeline",
-    "DepformerConfig": "config",
-    "EchoCanceller": "echo",
-    "ImageError": "image",
-    "FrameOutput": "pipeline",
-    "ImageKV": "temporal",
-    "IncompatibleModelError": "conversation",
-    "ModelConfig": "config",
-    "MoshiVis": "model",
-    "MimiError": "mimi",
-    "SamplerConfig": "sampling",
-    "StageError": "pipeline",
-    "StepOutput": "stream",
-    "Stream": "stream",
-    "TokenSampler": "sampling",
-    "VisionConfig": "config",
-    "load": "loading",
-    "load_mimi": "mimi",
-    "moshika_vis": "config",
+    "CheckpointError": "weights.checkpoint",
+    "Conversation": "session.conversation",
+    "ConversationClosed": "session.pipeline",
+    "DepformerConfig": "model.config",
+    "EchoCanceller": "audio.echo",
+    "ImageError": "model.image",
+    "FrameOutput": "session.pipeline",
+    "ImageKV": "model.temporal",
+    "IncompatibleModelError": "session.conversation",
+    "ModelConfig": "model.config",
+    "MoshiVis": "model.model",
+    "MimiError": "audio.mimi",
+    "SamplerConfig": "model.sampling",
+    "StageError": "session.pipeline",
+    "StepOutput": "model.stream",
+    "Stream": "model.stream",
+    "TokenSampler": "model.sampling",
+    "VisionConfig": "model.config",
+    "load": "weights.loading",
+    "load_mimi": "audio.mimi",
+    "moshika_vis": "model.config",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -50,15 +50,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError
-    from .config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
-    from .conversation import Conversation, IncompatibleModelError
-    from .echo import EchoCanceller
-    from .image import ImageError
-    from .loading import load
-    from .mimi import MimiError, load_mimi
-    from .model import MoshiVis
-    from .pipeline import ConversationClosed, FrameOutput, StageError
-    from .sampling import SamplerConfig, TokenSampler
-    from .stream import StepOutput, Stream
-    from .temporal import ImageKV
+    from .audio.echo import EchoCanceller
+    from .audio.mimi import MimiError, load_mimi
+    from .model.config import DepformerConfig, ModelConfig, VisionConfig, moshika_vis
+    from .model.image import ImageError
+    from .model.model import MoshiVis
+    from .model.sampling import SamplerConfig, TokenSampler
+    from .model.stream import StepOutput, Stream
+    from .model.temporal import ImageKV
+    from .session.conversation import Conversation, IncompatibleModelError
+    from .session.pipeline import ConversationClosed, FrameOutput, StageError
+    from .weights.checkpoint import CheckpointError
+    from .weights.loading import load

@@ -1,5 +1,5 @@
-"""`python -m moshivis_mlx [options]` talks; `python -m moshivis_mlx convert ...` converts checkpoints;
-`python -m moshivis_mlx doctor` says what this machine will do."""
+"""`python -m moshivis_mlx [options]` talks; `python -m moshivis_mlx convert ...` (or `moshivis-mlx-convert ...`)
+converts checkpoints; `python -m moshivis_mlx doctor` says what this machine will do."""
 
 from __future__ import annotations
 
@@ -10,30 +10,38 @@ DOCTOR_COMMAND = "doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .blas import use_optimized_blas
-    from .malloc import restart_with_jemalloc
-
-    if argv is None:  # started as a program, not called: it may restart with jemalloc (see malloc.py)
-        restart_with_jemalloc()
-    use_optimized_blas()  # on Linux, before MLX is imported (see blas.py)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _start(argv)
     if argv and argv[0] == CONVERT_COMMAND:
-        try:
-            from convert.cli import main as convert_main
-        except ImportError as e:
-            if e.name not in ("convert", "convert.cli"):
-                raise
-            print("error: the `convert` command is not installed with this copy of moshivis_mlx "
-                  f"({e}); reinstall the package (pip install -e .)", file=sys.stderr)
-            return 1
-        return convert_main(argv[1:])
-    if argv and argv[0] == DOCTOR_COMMAND:  # before cli.py, which needs MLX: doctor reports a missing MLX
-        from .doctor import main as doctor_main
+        return _convert(argv[1:])
+    if argv and argv[0] == DOCTOR_COMMAND:  # before app/cli.py, which needs MLX: doctor reports a missing MLX
+        from .app.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
-    from .cli import main as talk_main
+    from .app.cli import main as talk_main
 
     return talk_main(argv)
+
+
+def convert(argv: list[str] | None = None) -> int:
+    """`moshivis-mlx-convert ...` and `python -m convert ...`: the same as `python -m moshivis_mlx convert ...`."""
+    return _convert(_start(argv))
+
+
+def _start(argv: list[str] | None) -> list[str]:
+    """What every command does first; returns its arguments."""
+    from .cpu.blas import use_optimized_blas
+    from .cpu.malloc import restart_with_jemalloc
+
+    if argv is None:  # started as a program, not called: it may restart with jemalloc (see cpu/malloc.py)
+        restart_with_jemalloc()
+    use_optimized_blas()  # on Linux, before MLX is imported (see cpu/blas.py)
+    return sys.argv[1:] if argv is None else list(argv)
+
+
+def _convert(argv: list[str]) -> int:
+    from .weights.convert.cli import main as convert_main
+
+    return convert_main(argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moshivis_mlx.blas import use_optimized_blas
+from moshivis_mlx.cpu.blas import use_optimized_blas
 
 use_optimized_blas()  # before MLX loads, as the CLI does; CI installs OpenBLAS
 
@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import moshivis_mlx as mv
-from moshivis_mlx.config import NORM_MEAN_SQUARE, NORM_VARIANCE
-from moshivis_mlx.platform_path import CPU, PlatformPath, apply_platform_path, choose_platform_path
+from moshivis_mlx.model.config import NORM_MEAN_SQUARE, NORM_VARIANCE
+from moshivis_mlx.cpu.platform_path import CPU, PlatformPath, apply_platform_path, choose_platform_path
 
 # The CPU path without an optimized BLAS's dtypes, for tests of the CPU counterparts themselves.
 CPU_PATH = PlatformPath(kind=CPU, blas=None, quantized_activations="float32", float32_parts=False, image_dtype=None)

@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import moshivis_mlx as mv
-from moshivis_mlx.mimi import MIMI_CODEBOOK_SIZE, MIMI_FRAME_SIZE, MIMI_NUM_CODEBOOKS, MIMI_SAMPLE_RATE
+from moshivis_mlx.audio.mimi import MIMI_CODEBOOK_SIZE, MIMI_FRAME_SIZE, MIMI_NUM_CODEBOOKS, MIMI_SAMPLE_RATE
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

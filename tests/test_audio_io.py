@@ -9,7 +9,7 @@ import wave
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_io import (
+from moshivis_mlx.audio.wav import (
     AudioFileError,
     TruncatedAudioWarning,
     WavWriter,

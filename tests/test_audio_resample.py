@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_resample import Resampler, output_length, resample
+from moshivis_mlx.audio.resample import Resampler, output_length, resample
 
 RATE_PAIRS = [(48000, 24000), (44100, 24000), (16000, 24000), (8000, 24000), (24000, 48000), (24000, 44100)]
 

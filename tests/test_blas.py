@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from moshivis_mlx import blas
+from moshivis_mlx.cpu import blas
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="MLX's Linux wheel only")
 
 PROBE = (
-    "import json, sys; from moshivis_mlx.blas import use_optimized_blas; s = use_optimized_blas(); "
+    "import json, sys; from moshivis_mlx.cpu.blas import use_optimized_blas; s = use_optimized_blas(); "
     "import mlx.core as mx, numpy as np; a = mx.random.normal((64, 96), key=mx.random.key(0)); "
     "b = mx.random.normal((96, 32), key=mx.random.key(1)); "
     "print(json.dumps({'optimized': s.optimized, 'library': s.library, 'note': s.note, "
@@ -59,7 +59,7 @@ def test_optimized_blas_is_used_and_agrees_with_the_bundled_one(library):
 def test_too_late_after_mlx_is_imported_says_so(library):
     code = (
         "import os; os.environ.pop('LD_PRELOAD', None); import mlx.core; "
-        "from moshivis_mlx.blas import use_optimized_blas; print(use_optimized_blas().note)"
+        "from moshivis_mlx.cpu.blas import use_optimized_blas; print(use_optimized_blas().note)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), check=True)
     assert "mlx was imported before use_optimized_blas()" in out.stdout
@@ -125,7 +125,7 @@ def test_an_unknown_choice_is_reported_and_ignored(library):
 def test_reading_the_openblas_core_binds_nothing_for_mlx():
     """The core is read from a private load: MLX must not bind to the library that was only asked."""
     code = (
-        "import json; from moshivis_mlx import blas; "
+        "import json; from moshivis_mlx.cpu import blas; "
         "core = blas.private_openblas_core(blas.installed('openblas')); "
         "print(json.dumps({'core': core, 'provider': blas.global_cblas_provider()}))"
     )

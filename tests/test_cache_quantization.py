@@ -18,9 +18,9 @@ import pytest
 import moshivis_mlx as mv
 from conftest import random_model, tiny_config
 from fixture_a import FIXTURE_A, UPSTREAM, UPSTREAM_FILES, fixture_config, logit_errors, reference
-from moshivis_mlx.checkpoint import CheckpointError
-from moshivis_mlx.layers import CacheQuantization, attention
-from moshivis_mlx.quantize import QuantizationPolicy
+from moshivis_mlx.weights.checkpoint import CheckpointError
+from moshivis_mlx.model.layers import CacheQuantization, attention
+from moshivis_mlx.weights.quantize import QuantizationPolicy
 
 
 def numpy_attention(q, keys, values, scale, mask=None) -> np.ndarray:
@@ -50,8 +50,8 @@ def test_quantized_attention_is_attention_over_the_dequantized_cache(bits, maske
 
 
 def test_cpu_attention_over_quantized_heads_matches_the_plain_one():
-    from moshivis_mlx.cores import cpu_streams, split_rows
-    from moshivis_mlx.cpu_layers import attend
+    from moshivis_mlx.cpu.cores import cpu_streams, split_rows
+    from moshivis_mlx.cpu.layers import attend
 
     quant = CacheQuantization(8, 64)
     q = mx.random.normal((1, 32, 1, 128))
@@ -121,7 +121,7 @@ def test_compiled_and_eager_steps_agree_with_quantized_caches():
 
 
 def test_cache_bits_are_resolved_from_arguments_policy_record_and_weights(tmp_path):
-    from convert.converter import convert_checkpoint
+    from moshivis_mlx.weights.convert.converter import convert_checkpoint
 
     cfg = fixture_config()
     assert mv.load(FIXTURE_A, config=cfg, bits=8, lazy=True).cache_quantization["kv_bits"] == 8
@@ -137,7 +137,7 @@ def test_cache_bits_are_resolved_from_arguments_policy_record_and_weights(tmp_pa
 
 
 def test_bad_cache_settings_are_refused_clearly(tmp_path):
-    from convert.converter import convert_checkpoint
+    from moshivis_mlx.weights.convert.converter import convert_checkpoint
 
     cfg = fixture_config()
     with pytest.raises(ValueError, match="kv_bits must be one of"):

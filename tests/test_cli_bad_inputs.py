@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_io import write_wav
-from moshivis_mlx.cli import UsageError, parse_image_switches, read_question
+from moshivis_mlx.audio.wav import write_wav
+from moshivis_mlx.app.cli import UsageError, parse_image_switches, read_question
 from test_cli import assert_clean_error, run_cli
 
 

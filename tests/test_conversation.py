@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.text import load_tokenizer
+from moshivis_mlx.model.text import load_tokenizer
 from talk_support import FakeCodec, build_model, speech_like, talking_config
 
 FRAME = 1920

@@ -19,9 +19,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import moshivis_mlx as mv
-from convert.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
-from convert.converter import convert_checkpoint, save_model
-from moshivis_mlx import checkpoint
+from moshivis_mlx.weights.convert.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
+from moshivis_mlx.weights.convert.converter import convert_checkpoint, save_model
+from moshivis_mlx.weights import checkpoint
 
 from fixture_a import FIXTURE_A, TOLERANCE, UPSTREAM, UPSTREAM_FILES, assert_same_params, fixture_config, logit_errors
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx import cores
-from moshivis_mlx.cpu_layers import CpuLinear as Linear, CpuQuantizedLinear as QuantizedLinear, attend, keep_transposed_weights
-from moshivis_mlx.platform_path import apply_platform_path
+from moshivis_mlx.cpu import cores
+from moshivis_mlx.cpu.layers import CpuLinear as Linear, CpuQuantizedLinear as QuantizedLinear, attend, keep_transposed_weights
+from moshivis_mlx.cpu.platform_path import apply_platform_path
 
 from conftest import CPU_PATH, random_model, tiny_config
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from moshivis_mlx.doctor import EVERY_MODE, LIVE_MODE, Problem, Report
-from moshivis_mlx.hub import DEFAULT_REPO, MIMI_FILE, MODEL_FILES, TOKENIZER_FILE, default_bits
+from moshivis_mlx.app.doctor import EVERY_MODE, LIVE_MODE, Problem, Report
+from moshivis_mlx.weights.hub import DEFAULT_REPO, MIMI_FILE, MODEL_FILES, TOKENIZER_FILE, default_bits
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = MODEL_FILES[default_bits()]  # the doctor runs on this machine: same memory, same pick

@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_resample import resample
-from moshivis_mlx.echo import EchoCanceller, PlaybackHistory
+from moshivis_mlx.audio.resample import resample
+from moshivis_mlx.audio.echo import EchoCanceller, PlaybackHistory
 
 
 RATE = 24000
@@ -339,8 +339,8 @@ def test_missing_backend_says_how_to_install(monkeypatch):
 
 def test_import_does_not_load_livekit():
     code = (
-        "import sys, moshivis_mlx, moshivis_mlx.echo; "
-        "assert moshivis_mlx.EchoCanceller is moshivis_mlx.echo.EchoCanceller; print('livekit' in sys.modules)"
+        "import sys, moshivis_mlx, moshivis_mlx.audio.echo; "
+        "assert moshivis_mlx.EchoCanceller is moshivis_mlx.audio.echo.EchoCanceller; print('livekit' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

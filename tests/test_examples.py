@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moshivis_mlx.audio_io import read_wav, write_wav
+from moshivis_mlx.audio.wav import read_wav, write_wav
 from talk_support import speech_like
 
 ROOT = Path(__file__).resolve().parent.parent

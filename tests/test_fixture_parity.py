@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.config import NORM_MEAN_SQUARE, NORM_VARIANCE
+from moshivis_mlx.model.config import NORM_MEAN_SQUARE, NORM_VARIANCE
 
 from conftest import FIXTURE_A, NORM_PREFIX, fixture_config
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from moshivis_mlx.temporal import SharedCrossAttention
+from moshivis_mlx.model.temporal import SharedCrossAttention
 
 from conftest import random_model, tiny_config
 

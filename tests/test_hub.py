@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from moshivis_mlx.hub import (
+from moshivis_mlx.weights.hub import (
     DEFAULT_REPO,
     MIMI_FILE,
     MODEL_FILES,
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def resolve_in_subprocess(hf_home: Path, **kwargs) -> subprocess.CompletedProcess:
     """huggingface_hub reads HF_HOME / HF_HUB_OFFLINE when imported: use a fresh process."""
     code = (
-        "import json, sys; from moshivis_mlx.hub import resolve_files\n"
+        "import json, sys; from moshivis_mlx.weights.hub import resolve_files\n"
         f"files = resolve_files(**json.loads({json.dumps(json.dumps(kwargs))}))\n"
         "print(json.dumps({k: str(v) for k, v in vars(files).items()}))"
     )

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import moshivis_mlx
-from moshivis_mlx.image import (
+from moshivis_mlx.model.image import (
     FIT_CROP,
     FIT_PAD,
     PAD_GREY,

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshivis_mlx.audio_io import read_wav
-from moshivis_mlx.audio_resample import Resampler
-from moshivis_mlx.cli import format_status
-from moshivis_mlx.console import LiveDisplay, parse_typed_path
-from moshivis_mlx.live import AudioDeviceError, LiveSession, OutputBuffer
+from moshivis_mlx.audio.wav import read_wav
+from moshivis_mlx.audio.resample import Resampler
+from moshivis_mlx.app.cli import format_status
+from moshivis_mlx.app.console import LiveDisplay, parse_typed_path
+from moshivis_mlx.app.live import AudioDeviceError, LiveSession, OutputBuffer
 from talk_support import speech_like
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moshivis_mlx.live import AudioDeviceError, LiveSession
+from moshivis_mlx.app.live import AudioDeviceError, LiveSession
 
 
 class PortAudioError(Exception):

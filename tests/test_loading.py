@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 import moshivis_mlx as mv
-from moshivis_mlx.checkpoint import read_header
+from moshivis_mlx.weights.checkpoint import read_header
 
 from conftest import FIXTURE_A
 

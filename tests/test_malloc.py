@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from moshivis_mlx import malloc
+from moshivis_mlx.cpu import malloc
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
 
 PROBE = (
-    "import json, sys; from moshivis_mlx import malloc; print('started', flush=True); "
+    "import json, sys; from moshivis_mlx.cpu import malloc; print('started', flush=True); "
     "malloc.restart_with_jemalloc(); "
     "print(json.dumps({'loaded': malloc.jemalloc_loaded(), 'argv': sys.argv[1:], 'status': malloc.status()}))"
 )

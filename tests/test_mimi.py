@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moshivis_mlx.mimi import (
+from moshivis_mlx.audio.mimi import (
     MIMI_CODEBOOK_SIZE,
     MIMI_FRAME_SIZE,
     MIMI_NUM_CODEBOOKS,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.audio_io import WavWriter, read_wav
-from moshivis_mlx.mimi import InProcess, RenewingCodec
-from moshivis_mlx.offline import ImageSwitch, converse_offline, frames_needed
-from moshivis_mlx.text import load_tokenizer
+from moshivis_mlx.audio.wav import WavWriter, read_wav
+from moshivis_mlx.audio.mimi import InProcess, RenewingCodec
+from moshivis_mlx.session.offline import ImageSwitch, converse_offline, frames_needed
+from moshivis_mlx.model.text import load_tokenizer
 from talk_support import FakeCodec, rss_bytes, speech_like
 
 TEN_MINUTES_FRAMES = 7500  # 600 s / 80 ms

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.text import load_tokenizer
+from moshivis_mlx.model.text import load_tokenizer
 from talk_support import FakeCodec, speech_like
 
 FRAME = 1920

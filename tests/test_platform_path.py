@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx import cpu_layers, cpu_model
-from moshivis_mlx.platform_path import CPU, FORCE_GPU_PATH_VARIABLE, GPU, choose_platform_path
+from moshivis_mlx.cpu import layers as cpu_layers, model as cpu_model
+from moshivis_mlx.cpu.platform_path import CPU, FORCE_GPU_PATH_VARIABLE, GPU, choose_platform_path
 
 from fixture_a import FIXTURE_A, TOLERANCE, fixture_config, logit_errors, teacher_forced
 

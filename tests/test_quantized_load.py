@@ -20,11 +20,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 import moshivis_mlx as mv
-from moshivis_mlx.checkpoint import CheckpointError
-from moshivis_mlx.layouts import LayoutError, from_upstream_mlx
-from moshivis_mlx.loading import prepare, to_native
-from moshivis_mlx.platform_path import CPU, choose_platform_path
-from moshivis_mlx.quantize import QuantizationError, QuantizationPolicy, fit_group_size, quantization_config
+from moshivis_mlx.weights.checkpoint import CheckpointError
+from moshivis_mlx.weights.layouts import LayoutError, from_upstream_mlx
+from moshivis_mlx.weights.loading import prepare, to_native
+from moshivis_mlx.cpu.platform_path import CPU, choose_platform_path
+from moshivis_mlx.weights.quantize import QuantizationError, QuantizationPolicy, fit_group_size, quantization_config
 
 from fixture_a import FIXTURE_A, TOLERANCE, UPSTREAM, UPSTREAM_FILES, assert_same_params, fixture_config, logit_errors
 
@@ -94,7 +94,7 @@ def test_every_bit_width_runs_and_error_shrinks_with_bits(cfg):
 
 
 def test_config_that_contradicts_the_tensors_is_refused(cfg, tmp_path):
-    from convert.converter import convert_checkpoint
+    from moshivis_mlx.weights.convert.converter import convert_checkpoint
 
     convert_checkpoint(FIXTURE_A, tmp_path / "q4", policy=QuantizationPolicy.mixed(4))
     config_path = tmp_path / "q4" / "config.json"
@@ -196,8 +196,8 @@ def test_full_size_released_layouts_map_onto_the_model(name, file, bits):
     """Every tensor of the real releases (from their manifests) lands on a parameter of the right shape."""
     cfg = mv.moshika_vis()
     native = to_native(_lazy_manifest_weights(name, file), cfg, Path(file))
-    from moshivis_mlx.loading import OpenedCheckpoint
-    from moshivis_mlx.quantize import infer_quantization
+    from moshivis_mlx.weights.loading import OpenedCheckpoint
+    from moshivis_mlx.weights.quantize import infer_quantization
 
     quantization = infer_quantization(native, mv.MoshiVis(cfg), file)
     assert (quantization or {}).get("bits") == bits
@@ -225,7 +225,7 @@ def test_auto_dtype_is_float32_for_quantized_models_on_cpu_only():
     """Per-backend compute dtype: quantized matmuls on the CPU are ~9x faster in float32."""
     import mlx.core as mx
 
-    from moshivis_mlx.loading import resolve_dtype
+    from moshivis_mlx.weights.loading import resolve_dtype
 
     on_cpu = choose_platform_path().kind == CPU  # not under MOSHIVIS_MLX_FORCE_GPU_PATH=1
     assert resolve_dtype("auto", quantized=True) == ("float32" if on_cpu else "bfloat16")
@@ -268,7 +268,7 @@ def test_on_the_bundled_reference_blas_auto_keeps_every_part_bf16():
     import subprocess
 
     code = (
-        "from moshivis_mlx.blas import use_optimized_blas; use_optimized_blas(); "
+        "from moshivis_mlx.cpu.blas import use_optimized_blas; use_optimized_blas(); "
         "import moshivis_mlx as mv, mlx.core as mx; from mlx.utils import tree_flatten; "
         f"m = mv.load({str(FIXTURE_A)!r}); "
         "print(sorted({str(v.dtype) for _, v in tree_flatten(m.depformer.parameters())}))"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.sampling import RepetitionPenalty
+from moshivis_mlx.model.sampling import RepetitionPenalty
 
 from conftest import random_model, tiny_config
 

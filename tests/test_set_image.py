@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import moshivis_mlx
-from moshivis_mlx.siglip import SiglipVisionTower
+from moshivis_mlx.model.siglip import SiglipVisionTower
 
 from conftest import FIXTURE_A as FIXTURE
 ATOL_F32 = 1e-4  # streaming vs whole-sequence float32: rounding only

@@ -14,14 +14,14 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import moshivis_mlx
-from moshivis_mlx.config import NORM_MEAN_SQUARE, VisionConfig
-from moshivis_mlx.cpu_model import CpuVisionQuantizedLinear
-from moshivis_mlx.image import normalize
-from moshivis_mlx.layouts import LayoutError, vision_from_hf
-from moshivis_mlx.platform_path import choose_platform_path
-from moshivis_mlx.quantize import QuantizationPolicy
-from moshivis_mlx.resample import bicubic_matrix
-from moshivis_mlx.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh, quantize_vision_tower
+from moshivis_mlx.model.config import NORM_MEAN_SQUARE, VisionConfig
+from moshivis_mlx.cpu.model import CpuVisionQuantizedLinear
+from moshivis_mlx.model.image import normalize
+from moshivis_mlx.weights.layouts import LayoutError, vision_from_hf
+from moshivis_mlx.cpu.platform_path import choose_platform_path
+from moshivis_mlx.weights.quantize import QuantizationPolicy
+from moshivis_mlx.model.bicubic import bicubic_matrix
+from moshivis_mlx.model.siglip import SiglipVisionTower, VisionQuantizedLinear, gelu_tanh, quantize_vision_tower
 
 from conftest import CPU_PATH, FIXTURE_A as FIXTURE, fixture_config
 ATOL_F32 = 1e-4  # float32 against float32: rounding only (observed ~3e-6)

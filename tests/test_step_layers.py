@@ -12,8 +12,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from moshivis_mlx import cpu_layers as layers
-from moshivis_mlx.cpu_layers import CpuLinear as Linear, add_linear, attend, keep_transposed_weights
+from moshivis_mlx.cpu import layers
+from moshivis_mlx.cpu.layers import CpuLinear as Linear, add_linear, attend, keep_transposed_weights
 
 # float32 products of 64..300 terms, summed in another order (blocks, BLAS kernels): ~1e-6 relative
 RTOL = 1e-5

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import moshivis_mlx as mv
-from moshivis_mlx.layers import visible_slots
+from moshivis_mlx.model.layers import visible_slots
 
 from conftest import random_model, tiny_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moshivis_mlx.text import TextStream, TokenizerError, load_tokenizer
+from moshivis_mlx.model.text import TextStream, TokenizerError, load_tokenizer
 from talk_support import train_tokenizer
 
 

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 import moshivis_mlx as mv
-from moshivis_mlx.text import load_tokenizer
-from moshivis_mlx.web import protocol
-from moshivis_mlx.web.command import build_parser
-from moshivis_mlx.web.origin import exposure_warnings, host_allowed, is_loopback, origin_allowed
-from moshivis_mlx.web.session import SessionConfig, WebSession
+from moshivis_mlx.model.text import load_tokenizer
+from moshivis_mlx.app.web import protocol
+from moshivis_mlx.app.web.command import build_parser
+from moshivis_mlx.app.web.origin import exposure_warnings, host_allowed, is_loopback, origin_allowed
+from moshivis_mlx.app.web.session import SessionConfig, WebSession
 from talk_support import FakeCodec, speech_like
 
 FRAME = 1920
@@ -220,7 +220,7 @@ def test_server_serves_the_page_and_one_conversation_at_a_time(conversation):
     from aiohttp import WSMsgType
     from aiohttp.test_utils import TestClient, TestServer
 
-    from moshivis_mlx.web.server import ServerConfig, WebServer
+    from moshivis_mlx.app.web.server import ServerConfig, WebServer
 
     async def scenario():
         server = WebServer(conversation, ServerConfig())

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import AudioFileError, TruncatedAudioWarning, WavWriter, read_wav_mono, write_text
-from .checkpoint import CheckpointError
-from .conversation import Conversation, IncompatibleModelError
-from .hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
-from .mimi import MIMI_FRAME_SIZE, MIMI_SAMPLE_RATE, MimiError, load_mimi
-from .offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
-from .quantize import describe_caches
-from .sampling import SamplerConfig, TokenSampler
-from .text import TokenizerError, load_tokenizer
+from ..audio.mimi import MIMI_FRAME_SIZE, MIMI_SAMPLE_RATE, MimiError, load_mimi
+from ..audio.wav import AudioFileError, TruncatedAudioWarning, WavWriter, read_wav_mono, write_text
+from ..model.sampling import SamplerConfig, TokenSampler
+from ..model.text import TokenizerError, load_tokenizer
+from ..session.conversation import Conversation, IncompatibleModelError
+from ..session.offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
+from ..weights.checkpoint import CheckpointError
+from ..weights.hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
+from ..weights.quantize import describe_caches
 
 DESCRIPTION = """\
 Talk with MoshiVis about a picture, in real time: it listens to your microphone
@@ -230,7 +230,7 @@ def _slowed(embed_image, seconds: float):
     """Debugging aid: pretend pictures take `seconds` to embed (as SigLIP does on a CPU)."""
 
     def slow_embed_image(image, **kwargs):
-        from .temporal import ImageKV
+        from ..model.temporal import ImageKV
 
         if not isinstance(image, ImageKV):  # already embedded: returned as is
             time.sleep(seconds)
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return web_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .devices import AudioDeviceError
+    from ..audio.devices import AudioDeviceError
 
     try:
         return _run(args)

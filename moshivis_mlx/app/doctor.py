@@ -108,7 +108,7 @@ def add_versions(report: Report) -> None:
     rows = report.section("versions")
     rows.append(("Python", f"{platform.python_version()} ({sys.executable})"))
     rows.append(("system", f"{platform.platform()} {platform.machine()}"))
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # moshivis_mlx/, this file being in moshivis_mlx/app/
     for name in DISTRIBUTIONS:
         suffix = f" ({here})" if name == "moshivis_mlx" else ""
         rows.append((name, distribution_version(name) + suffix))
@@ -171,10 +171,10 @@ def add_compute(report: Report, mlx_ok: bool) -> None:
 def add_device(rows: list[tuple[str, str]]) -> None:
     import mlx.core as mx
 
-    from .cores import requested_streams
-    from .loading import AUTO_DTYPE, float32_parts_dtype, resolve_dtype
+    from ..cpu.cores import requested_streams
+    from ..weights.loading import AUTO_DTYPE, float32_parts_dtype, resolve_dtype
 
-    from .platform_path import choose_platform_path
+    from ..cpu.platform_path import choose_platform_path
 
     device = mx.default_device()
     rows.append(("device", f"{device.type.name} ({describe_device(_device_info(mx))})"))
@@ -205,7 +205,7 @@ def describe_device(info: dict) -> str:
 
 
 def add_blas(report: Report, rows: list[tuple[str, str]]) -> None:
-    from . import blas
+    from ..cpu import blas
 
     state = blas.status()
     if not state.optimized:
@@ -221,7 +221,7 @@ def add_blas(report: Report, rows: list[tuple[str, str]]) -> None:
 
 
 def add_allocator(report: Report, rows: list[tuple[str, str]]) -> None:
-    from . import malloc
+    from ..cpu import malloc
 
     rows.append(("allocator", malloc.status().split("; ")[0]))
     opted_out = os.environ.get(malloc.OPT_OUT_VARIABLE, "").lower() == "system"
@@ -235,8 +235,9 @@ def add_allocator(report: Report, rows: list[tuple[str, str]]) -> None:
 
 def add_weights(report: Report) -> None:
     """The weights the CLI picks for this memory, and which of the repository's files are cached."""
-    from .hub import (DEFAULT_REPO, EIGHT_BIT_MIN_BANDWIDTH_GBPS, LARGE_MEMORY_BYTES, MIMI_FILE, MODEL_FILES,
-                      TOKENIZER_FILE, apple_chip, chip_bandwidth_gbps, default_bits, total_memory_bytes)
+    from ..weights.hub import (DEFAULT_REPO, EIGHT_BIT_MIN_BANDWIDTH_GBPS, LARGE_MEMORY_BYTES, MIMI_FILE,
+                               MODEL_FILES, TOKENIZER_FILE, apple_chip, chip_bandwidth_gbps, default_bits,
+                               total_memory_bytes)
 
     rows = report.section("memory and weights")
     memory, chip = total_memory_bytes(), apple_chip()
@@ -312,7 +313,7 @@ def portaudio_fix() -> str:
 
 def add_audio(report: Report) -> None:
     """PortAudio and the devices live mode would open by default."""
-    from .devices import AudioDeviceError, import_sounddevice
+    from ..audio.devices import AudioDeviceError, import_sounddevice
 
     rows = report.section("audio (live mode)")
     try:
@@ -329,7 +330,7 @@ def add_audio(report: Report) -> None:
 
 
 def add_default_device(report: Report, rows: list[tuple[str, str]], sd, kind: str) -> None:
-    from .devices import AudioDeviceError, find_device
+    from ..audio.devices import AudioDeviceError, find_device
 
     try:
         index = find_device(sd, None, kind)
@@ -344,7 +345,7 @@ def add_default_device(report: Report, rows: list[tuple[str, str]], sd, kind: st
 
 
 def add_echo(report: Report) -> None:
-    from .echo import EchoCanceller
+    from ..audio.echo import EchoCanceller
 
     rows = report.section("echo cancellation")
     try:
@@ -387,7 +388,7 @@ def add_web(report: Report) -> None:
 
 def diagnose() -> Report:
     """Every check, in the order printed. MLX is imported after the BLAS is chosen, as the CLI does."""
-    from .blas import use_optimized_blas
+    from ..cpu.blas import use_optimized_blas
 
     use_optimized_blas()
     report = Report()

@@ -2,7 +2,7 @@
 
 A feeder thread takes the microphone's audio, resamples it to 24 kHz and
 pushes whole 80 ms frames into the conversation, whose Mimi encoder, model
-and Mimi decoder work side by side (see `pipeline`); a receiver thread takes
+and Mimi decoder work side by side (see `session.pipeline`); a receiver thread takes
 the answers, in order, and queues them for the speaker. The PortAudio
 callbacks only move audio through bounded buffers.
 
@@ -18,7 +18,7 @@ When the machine is slower than real time, the oldest waiting input frames
 are dropped (and counted) so the lag stays under `max_lag`; when the speaker
 runs dry it plays silence (counted as an underrun).
 
-`sounddevice` (and so PortAudio) is imported on demand (`devices`).
+`sounddevice` (and so PortAudio) is imported on demand (`audio.devices`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import WavWriter
-from .audio_resample import Resampler
-from .devices import AudioDeviceError, describe_devices, device_name, device_sample_rate, find_device, import_sounddevice
-from .framing import PendingFrames
+from ..audio.devices import AudioDeviceError, describe_devices, device_name, device_sample_rate, find_device, import_sounddevice
+from ..audio.framing import PendingFrames
+from ..audio.resample import Resampler
+from ..audio.wav import WavWriter
 
 __all__ = ["AudioDeviceError", "LiveSession", "LiveStats", "OutputBuffer", "describe_devices", "device_sample_rate",
            "find_device", "import_sounddevice"]
-from .echo import EchoCanceller, PlaybackHistory
+from ..audio.echo import EchoCanceller, PlaybackHistory
 
 DEFAULT_MAX_LAG_SECONDS = 0.5  # bound on (waiting input + queued output)
 _INPUT_QUEUE_BLOCKS = 512  # safety bound on callback blocks not yet taken by the worker

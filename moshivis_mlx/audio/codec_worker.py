@@ -1,4 +1,4 @@
-"""One Mimi instance in a process of its own: `python -m moshivis_mlx.codec_worker PATH CODEBOOKS MAX_SEQ_LEN`.
+"""One Mimi instance in a process of its own: `python -m moshivis_mlx.audio.codec_worker PATH CODEBOOKS MAX_SEQ_LEN`.
 
 Why a process: building a `rustymimi.Tokenizer` holds the GIL for the whole
 load (0.2-1.5 s), which would freeze every thread of a conversation, audio

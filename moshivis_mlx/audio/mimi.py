@@ -129,10 +129,10 @@ class MimiProcess:
         self.path = _checked_path(path)
         self.num_codebooks = num_codebooks
         self.max_frames = max_seq_len // MIMI_STEPS_PER_FRAME
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])  # the directory holding moshivis_mlx/
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moshivis_mlx.codec_worker", str(self.path), str(num_codebooks), str(max_seq_len)],
+            [sys.executable, "-m", "moshivis_mlx.audio.codec_worker", str(self.path), str(num_codebooks), str(max_seq_len)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
         )
         self._ready = False

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .audio_resample import resample
+from .resample import resample
 
 FORMAT_PCM = 0x0001
 FORMAT_IEEE_FLOAT = 0x0003

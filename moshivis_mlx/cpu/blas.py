@@ -10,14 +10,14 @@ matmuls.
 Which one: every Linear of a step multiplies one row, and OpenBLAS 0.3.21
 packs the whole weight for each such product unless its small-matrix kernel
 takes it (x86-64 cores with AVX-512: SkylakeX, Cooperlake, Sapphire Rapids),
-which `cpu_layers.CpuLinear` arranges by splitting the weight into row blocks. So
+which `cpu.layers.CpuLinear` arranges by splitting the weight into row blocks. So
 OpenBLAS is used where the core it picks has that kernel (it also embeds an
 image faster: SigLIP 17 s vs 21 s), and BLIS, when installed, everywhere else:
 on an AMD Zen core without AVX-512 the full-size float32 depformer takes 625 ms
 through OpenBLAS and 252 ms through BLIS. The core is read from a private load
 of OpenBLAS that binds nothing for MLX.
 
-This module imports nothing from MLX, so `moshivis_mlx.blas` can run first.
+This module imports nothing from MLX, so `moshivis_mlx.cpu.blas` can run first.
 `python -m moshivis_mlx` and the benchmarks call `use_optimized_blas()`
 automatically; `MOSHIVIS_MLX_BLAS=openblas` or `=blis` forces a library,
 `=bundled` opts out. Library users call it themselves before importing MLX,

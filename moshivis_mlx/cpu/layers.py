@@ -1,4 +1,4 @@
-"""The CPU counterparts of the building blocks in `layers`, and the tricks they use.
+"""The CPU counterparts of the building blocks in `model.layers`, and the tricks they use.
 
 Nothing here changes what is computed, only how MLX's CPU backend gets there
 faster: weights kept transposed and split into row blocks on several CPU
@@ -18,9 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..model.layers import CacheQuantization, GatedFFN, RMSNorm, Stored, attention, flat_arrays
 from .blas import key_blocks, one_row_block_rows
 from .cores import cpu_streams, on_streams, split_rows
-from .layers import CacheQuantization, GatedFFN, RMSNorm, Stored, attention, flat_arrays
 
 
 M = TypeVar("M", bound=nn.Module)
@@ -229,7 +229,7 @@ def attend(
     projection) costs one operation less per attention. The heads of a large
     attention (the full-size window, the image) are split into groups, one per
     CPU stream (see `cores`): each head is computed as before. Quantized keys
-    and values (`quantization`) are attended as `layers.attention` does, by
+    and values (`quantization`) are attended as `model.layers.attention` does, by
     the same groups of heads.
     """
     heads = q.shape[-3]

@@ -2,7 +2,7 @@
 
 Each counterpart subclasses a plain module, adds no parameter and computes the
 same thing with fewer or faster operations on MLX's CPU backend (see
-`cpu_layers`): the temporal queries take the attention scale from their RoPE
+`cpu.layers`): the temporal queries take the attention scale from their RoPE
 tables, the cross-attention and depformer queries from the norm before them,
 residuals are added inside the products. `platform_path.apply_platform_path`
 calls `to_cpu_counterparts` after loading, on a CPU only.
@@ -16,7 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from .cpu_layers import (
+from ..model.depformer import Depformer, DepformerAttention
+from ..model.layers import CacheQuantization, merge_heads, split_heads, write_window
+from ..model.siglip import VisionQuantizedLinear
+from ..model.temporal import (
+    ImageKV,
+    SelfAttention,
+    SharedCrossAttention,
+    StepPosition,
+    TemporalLayer,
+    TemporalTransformer,
+)
+from .layers import (
     CpuLinear,
     CpuQuantizedLinear,
     RopeTables,
@@ -25,17 +36,6 @@ from .cpu_layers import (
     attend,
     ffn_residual,
     scaled_norm,
-)
-from .depformer import Depformer, DepformerAttention
-from .layers import CacheQuantization, merge_heads, split_heads, write_window
-from .siglip import VisionQuantizedLinear
-from .temporal import (
-    ImageKV,
-    SelfAttention,
-    SharedCrossAttention,
-    StepPosition,
-    TemporalLayer,
-    TemporalTransformer,
 )
 
 

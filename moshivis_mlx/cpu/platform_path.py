@@ -2,7 +2,7 @@
 
 The model's modules are written as a GPU runs them. On a CPU, `load` applies
 `apply_platform_path` once after loading: it swaps modules for their CPU
-counterparts (`cpu_model`) and sets the CPU compute dtypes, all chosen here
+counterparts (`cpu.model`) and sets the CPU compute dtypes, all chosen here
 from the device and the BLAS, and records the choice on the model
 (`model.platform_path`). Nothing of it happens on a GPU.
 
@@ -92,8 +92,8 @@ def apply_platform_path(
     and the linear layers keep their transposed weights and row blocks, made
     and evaluated here once (`evaluate=False`, for a lazy load: made on the fly).
     """
-    from .cpu_layers import keep_transposed_weights
-    from .cpu_model import VISION_COUNTERPARTS, to_cpu_counterparts
+    from .layers import keep_transposed_weights
+    from .model import VISION_COUNTERPARTS, to_cpu_counterparts
 
     model.platform_path = path
     if path.kind != CPU:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .resample import antialiased_bicubic_taps
+from .bicubic import antialiased_bicubic_taps
 
 if TYPE_CHECKING:  # Pillow is imported when an image is actually read
     import PIL.Image

@@ -1,7 +1,7 @@
 """Building blocks shared by the temporal transformer and the depformer.
 
 Written as a GPU runs them: MLX layers and `mx.fast` kernels. Their CPU
-counterparts are in `cpu_layers` (see `platform_path`)."""
+counterparts are in `cpu.layers` (see `cpu.platform_path`)."""
 
 from __future__ import annotations
 

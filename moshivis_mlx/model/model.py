@@ -6,12 +6,12 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cpu.platform_path import GPU_PATH, PlatformPath
+from ..weights.quantize import CACHE_BITS, CACHE_GROUP_SIZE, fit_group_size
 from .config import NORM_MEAN_SQUARE, ModelConfig
 from .depformer import Depformer
 from .image import FIT_STRETCH, ImageSource, preprocess
 from .layers import CacheQuantization, RMSNorm, embed_one, make_norm
-from .platform_path import GPU_PATH, PlatformPath
-from .quantize import CACHE_BITS, CACHE_GROUP_SIZE, fit_group_size
 from .sampling import SamplerConfig
 from .siglip import SiglipVisionTower, quantize_vision_tower
 from .temporal import ImageKV, TemporalTransformer
@@ -47,7 +47,7 @@ class MoshiVis(nn.Module):
         self.depformer = Depformer(cfg)
         self.image_prefix = ImageProjection(cfg)
         self.vision = SiglipVisionTower(cfg.vision)
-        # What a GPU runs until `platform_path.apply_platform_path` says otherwise (`load` does).
+        # What a GPU runs until `cpu.platform_path.apply_platform_path` says otherwise (`load` does).
         self.platform_path: PlatformPath = GPU_PATH
 
     @property
@@ -177,7 +177,7 @@ class MoshiVis(nn.Module):
 
     @property
     def cache_quantization(self) -> dict | None:
-        """How the caches are stored, as config.json records it (`quantize.cache_record`); None if float."""
+        """How the caches are stored, as config.json records it (`weights.quantize.cache_record`); None if float."""
         t = self.transformer
         used = t.kv_quantization or t.image_kv_quantization
         if used is None:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from .config import VisionConfig
-from .resample import bicubic_matrix
+from .bicubic import bicubic_matrix
 
 RGB_CHANNELS = 3
 GELU_TANH_SCALE = math.sqrt(2 / math.pi)
@@ -202,7 +202,7 @@ class VisionQuantizedLinear(nn.QuantizedLinear):
     Input widths that are not a multiple of the group size are padded with
     zero columns (So400m's fc2 has 4304 = 67.25 x 64 inputs, which MLX cannot
     quantize as is); the padding never reaches the result. On a CPU,
-    `cpu_model.CpuVisionQuantizedLinear` takes its place.
+    `cpu.model.CpuVisionQuantizedLinear` takes its place.
     """
 
     def __init__(

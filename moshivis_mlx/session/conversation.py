@@ -23,8 +23,8 @@ was captured (silence where the output ran dry):
     conv.push(canceller.process(mic_frame, played_frame))
 
 One full-duplex stream pairs them by itself (its callback's input and output
-blocks); with two streams, `echo.PlaybackHistory` pairs them by timestamps.
-`live.LiveSession` does both, at any device rate.
+blocks); with two streams, `audio.echo.PlaybackHistory` pairs them by timestamps.
+`app.live.LiveSession` does both, at any device rate.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .hub import DEFAULT_REPO, load_model, resolve_files
-from .mimi import StreamingCodec, load_mimi
+from ..audio.mimi import StreamingCodec, load_mimi
+from ..model.sampling import SamplerConfig
+from ..model.text import TextStream, load_tokenizer
+from ..weights.hub import DEFAULT_REPO, load_model, resolve_files
 from .pipeline import ConversationClosed, FrameListener, FrameOutput, FramePipeline, StageError, TextListener
-from .sampling import SamplerConfig
-from .text import TextStream, load_tokenizer
 
 __all__ = ["Conversation", "ConversationClosed", "FrameOutput", "IncompatibleModelError", "StageError"]
 
@@ -144,7 +144,7 @@ class Conversation:
         """Everything from the Hub (or local paths where given), ready to talk.
 
         `bits` picks the Hub weights: 4, 8 or 16 (bf16); the default is 8 with at
-        least 24 GB of memory on a chip fast enough for its step (`hub.default_bits`),
+        least 24 GB of memory on a chip fast enough for its step (`weights.hub.default_bits`),
         else 4. `kv_bits` and `image_kv_bits` are `moshivis_mlx.load`'s.
         """
         files = resolve_files(model=model, mimi=mimi, tokenizer=tokenizer, bits=bits, repo=repo)

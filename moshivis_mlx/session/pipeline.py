@@ -32,7 +32,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .text import TextStream
+from ..model.text import TextStream
 
 FrameListener = Callable[["FrameOutput"], None]
 TextListener = Callable[[str], None]

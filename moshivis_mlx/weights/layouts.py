@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .config import ModelConfig, VisionConfig
-from .siglip import sanitize_patch_embedding
+from ..model.config import ModelConfig, VisionConfig
+from ..model.siglip import sanitize_patch_embedding
 
 LAYOUT_PYTORCH = "pytorch"  # kyutai/moshika-vis-pytorch-bf16
 LAYOUT_UPSTREAM_MLX = "upstream-mlx"  # kyutai/moshika-vis-mlx

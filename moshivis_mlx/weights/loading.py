@@ -10,8 +10,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..cpu.platform_path import PlatformPath, apply_platform_path, choose_platform_path
+from ..model.config import ModelConfig, moshika_vis
+from ..model.model import MoshiVis
+from ..model.siglip import use_vision_kernels
 from .checkpoint import CheckpointError, load_safetensors
-from .config import ModelConfig, moshika_vis
 from .layouts import (
     LAYOUT_NATIVE,
     LAYOUT_PYTORCH,
@@ -21,9 +24,6 @@ from .layouts import (
     from_pytorch,
     from_upstream_mlx,
 )
-from .model import MoshiVis
-from .platform_path import PlatformPath, apply_platform_path, choose_platform_path
-from .siglip import use_vision_kernels
 from .quantize import (
     CACHE_BITS,
     DEFAULT_GROUP_SIZE,
@@ -358,7 +358,7 @@ def load(
     8-bit one and float for a float one (see `quantize.QuantizationPolicy.mixed`).
     `lazy=True` checks every name and shape but reads no tensor data.
 
-    The model then runs the path chosen for this device (`platform_path`,
+    The model then runs the path chosen for this device (`cpu.platform_path`,
     recorded as `model.platform_path`): on a CPU, the CPU counterparts of its
     modules, and with "auto" the depformer, the cross-attention and its gates
     of an unquantized model in float32 (see `MoshiVis.float32_on_cpu_parts`).

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..framing import PendingFrames
+from ...audio.framing import PendingFrames
 from . import protocol
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a phone photo is a few MB; SigLIP sees 448 x 448

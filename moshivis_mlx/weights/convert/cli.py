@@ -1,4 +1,4 @@
-"""`python -m convert` / `python -m moshivis_mlx convert`: the command line."""
+"""The command line of `python -m moshivis_mlx convert`, `moshivis-mlx-convert` and `python -m convert`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from moshivis_mlx.checkpoint import CheckpointError
-from moshivis_mlx.config import ModelConfig
-from moshivis_mlx.loading import DTYPES as LOAD_DTYPES
-from moshivis_mlx.loading import AUTO_CACHE, read_config
-from moshivis_mlx.quantize import (
+from ...model.config import ModelConfig
+from ..checkpoint import CheckpointError
+from ..loading import DTYPES as LOAD_DTYPES
+from ..loading import AUTO_CACHE, read_config
+from ..quantize import (
     BITS_CHOICES,
     CACHE_BITS,
     DEFAULT_GROUP_SIZE,
@@ -22,7 +22,6 @@ from moshivis_mlx.quantize import (
     QuantizationPolicy,
     describe_caches,
 )
-
 from .converter import ConvertError, ConvertResult, convert_checkpoint
 from .progress import ProgressLine
 
@@ -193,7 +192,7 @@ def _print_report(args: argparse.Namespace, result: ConvertResult, config: Model
     if result.quantization is None:
         print("not quantized: no quantization error to report")
         return
-    from moshivis_mlx.loading import open_checkpoint
+    from ..loading import open_checkpoint
 
     if open_checkpoint(args.input, config).quantization is not None:
         print("the input was already quantized: there is no unquantized model to compare against")

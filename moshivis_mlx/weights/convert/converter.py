@@ -19,12 +19,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.checkpoint import read_header, safetensors_header, write_safetensors
-from moshivis_mlx.config import ModelConfig
-from moshivis_mlx.loading import DTYPES as _DTYPE_NAMES
-from moshivis_mlx.loading import AUTO_CACHE, CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare, resolve_caches
-from moshivis_mlx.model import MoshiVis
-from moshivis_mlx.quantize import QuantizationPolicy, describe, model_quantization
+from ...model.config import ModelConfig
+from ...model.model import MoshiVis
+from ..checkpoint import read_header, safetensors_header, write_safetensors
+from ..loading import DTYPES as _DTYPE_NAMES
+from ..loading import AUTO_CACHE, CHECKPOINT_NAME, CONFIG_NAME, load, open_checkpoint, prepare, resolve_caches
+from ..quantize import QuantizationPolicy, describe, model_quantization
 
 FORMAT = "moshivis-mlx"
 MODEL_TYPE = "moshivis"

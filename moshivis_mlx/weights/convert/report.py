@@ -17,10 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from moshivis_mlx.config import ModelConfig
-from moshivis_mlx.loading import load
-from moshivis_mlx.sampling import SamplerConfig
-from moshivis_mlx.stream import Stream
+from ...model.config import ModelConfig
+from ...model.sampling import SamplerConfig
+from ...model.stream import Stream
+from ..loading import load
 
 STEPS_WITH_IMAGE = 8  # steps run after the cross-attention starts (xa_start)
 DEFAULT_SEED = 0
