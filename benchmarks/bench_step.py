@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py full [--no-image] [--dtype bfloat16] [--bits 4|8]
     python benchmarks/bench_step.py depformer [--depformer-dtype bfloat16]
     python benchmarks/bench_step.py attention [--dtype float32]   # window and image attention, float vs quantized
+    python benchmarks/bench_step.py products    # the products each weight lever of issue 21 changes
 
 `dispatch` keeps the released model's depth (32 temporal layers with the
 cross-attention active on 1024 image tokens from step 0, 8 depformer steps x 6
@@ -254,13 +255,62 @@ def attention_times(dtype: str, steps: int) -> dict:
     return results
 
 
+# The products a weight lever changes, per step, at released sizes: (out, in) -> (matrices, reads of each).
+# The shared cross-attention's two matrices are read by all 32 layers; every other matrix once.
+LEVER_PRODUCTS = {
+    "cross-attention q/out": {(4096, 4096): (2, 32)},
+    "depformer": {(1024, 4096): (8, 1), (3 * 1024, 1024): (48, 1), (1024, 1024): (48, 1),
+                  (2 * 2816, 1024): (48, 1), (1024, 2816): (48, 1), (2048, 1024): (8, 1)},
+    "temporal layers": {(3 * 4096, 4096): (32, 1), (4096, 4096): (32, 1), (2 * 11264, 4096): (32, 1),
+                        (4096, 11264): (32, 1), (512, 4096): (32, 1), (4096, 512): (32, 1)},
+}
+LEVER_SETTINGS = {  # lever -> (before, after) as (bits, group size)
+    "cross-attention q/out": ((8, 64), (4, 64)),
+    "depformer": ((8, 64), (4, 64)),
+    "temporal layers": ((4, 64), (4, 128)),
+}
+
+
+def product_times(steps: int) -> dict:
+    """ms per step of the products each weight lever changes, before and after, as the CPU path runs them."""
+    import mlx.nn as nn
+
+    from moshivis_mlx.cpu.layers import keep_transposed_weights
+    from moshivis_mlx.cpu.model import to_cpu_counterparts
+
+    results: dict = {"mode": "products"}
+    for lever, shapes in LEVER_PRODUCTS.items():
+        for label, (bits, group) in zip(("before", "after"), LEVER_SETTINGS[lever]):
+            layers = []
+            for (out_dims, in_dims), (matrices, reads) in shapes.items():
+                for _ in range(matrices):
+                    layer = nn.Linear(in_dims, out_dims, bias=False).to_quantized(group_size=group, bits=bits)
+                    layer.set_dtype(mx.float32)  # scales in float32, as load(dtype="auto") gives on a CPU
+                    mx.eval(layer.parameters())
+                    layers += [layer] * reads
+            if PATH.kind == CPU:
+                wrapper = to_cpu_counterparts(nn.Sequential(*layers))
+                keep_transposed_weights(wrapper)
+                layers = wrapper.layers
+            inputs = {d: mx.random.normal((1, d)) for d in {layer.weight.shape[1] * 32 // bits for layer in layers}}
+            run = mx.compile(lambda: [layer(inputs[layer.weight.shape[1] * 32 // bits]) for layer in layers])
+            times = []
+            for i in range(steps + 2):
+                start = time.perf_counter()
+                mx.eval(run())
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+            results[f"{lever} {label} ({bits}-bit/g{group}) ms"] = round(1000 * statistics.median(times), 2)
+    return results
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["dispatch", "full", "depformer", "attention"])
+    ap.add_argument("mode", choices=["dispatch", "full", "depformer", "attention", "products"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -300,8 +350,11 @@ def main() -> None:
         result["platform_path"] = PATH.kind + (" (forced)" if PATH.forced else "")
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
-    if args.mode == "attention":
-        result = attention_times(args.dtype or "float32", args.steps or 10)
+    if args.mode in ("attention", "products"):
+        if args.mode == "attention":
+            result = attention_times(args.dtype or "float32", args.steps or 10)
+        else:
+            result = product_times(args.steps or 10)
         result["blas"] = BLAS.library or "bundled reference BLAS"
         print(json.dumps(result) if args.json else "\n".join(f"{k:>14}: {v}" for k, v in result.items()))
         return
