@@ -318,16 +318,20 @@ class RenewingCoder:
 
     Taking over: a successor answers only once it has caught up (done all
     it was sent), checked without blocking at the start of each frame after
-    the overlap. The overlap's last frames are sent when it ends, then one
-    frame at a time (the smallest backlog) while the old instance answers,
-    so no frame waits for a chunk just sent. A successor still behind when
-    the old life ends (`catch_up_frames` = 2 * feed_chunk later) is waited
-    for, counted in `stalls`: faster than real time (a file, a benchmark) a
-    successor fed frame by frame may never be found idle, and then waits
-    about one frame, as every renewal did before chunks. The frame of the
+    the overlap, so no frame waits for a chunk just sent. The overlap's
+    remainder is sent when it ends, then each frame as it comes (the
+    smallest backlog), and before the old instance runs it, so the
+    successor has the whole frame to work: once the last chunk is done, a
+    single frame is done within its own frame and the successor takes over
+    at the next. One still behind `catch_up_frames` (4 * feed_chunk) after
+    the overlap, or when the old life ends, is waited for (counted in
+    `stalls`): so are most when frames come faster than real time (a file,
+    a benchmark), as every renewal was before chunks. The frame of the
     switch depends on timing, so two runs may differ just after a renewal
     by what separates the old instance from the new one (codes identical,
     pcm within ~7e-4 after 375 frames of overlap: bench_mimi.py renewal).
+    Old instances are closed on a thread of their own (a process takes
+    70-200 ms to end).
     `takeovers` lists, per renewal, the frame its successor was first fed
     and the frame it first answered (frames counted from this coder's start).
     """
@@ -346,7 +350,7 @@ class RenewingCoder:
         self.direction = direction
         self.overlap_frames = overlap_frames
         self.feed_chunk = feed_chunk
-        self.catch_up_frames = 2 * feed_chunk
+        self.catch_up_frames = 4 * feed_chunk
         self._current = start()
         self.max_frames = int(self._current.max_frames)
         window = overlap_frames + self.catch_up_frames  # the most frames a successor is fed
@@ -362,6 +366,7 @@ class RenewingCoder:
         self.takeovers: list[tuple[int, int]] = []
         self.waits = 0
         self.stalls = 0
+        self._retiring: list[threading.Thread] = []
         self._begin(self._first_renewal)
 
     @property
@@ -375,30 +380,35 @@ class RenewingCoder:
         self._renew_at = renew_at
 
     def __call__(self, data: np.ndarray) -> np.ndarray:
-        if self._successor is not None and self._successor_due():
-            self._take_over()
+        if self._successor is not None:
+            if self._successor_due():
+                self._take_over()
+            else:  # before the old instance runs: the successor has the whole frame to work in
+                self._give(data)
         out = self._current.run(self.direction, data)
         self._frames += 1
         self.frames += 1
-        if self._successor is not None:
-            self._pending.append(np.array(data))  # a copy: the caller may reuse its buffer
-            self._fed += 1
-            if len(self._pending) >= self.feed_chunk or self._fed >= self.overlap_frames:
-                self._send_pending()
-        elif self._frames >= self._renew_at and (self._spare_ready() or self._frames >= self.max_frames - 1):
+        if self._successor is None and self._frames >= self._renew_at and (
+            self._spare_ready() or self._frames >= self.max_frames - 1
+        ):
             self._successor = self._take_spare()  # fed from the next frame on
             self._successor_from = self.frames
         return out
 
     def _successor_due(self) -> bool:
-        if self._fed >= self.overlap_frames and self._successor.caught_up():
-            return True
-        if self._frames >= self.max_frames:  # the old instance cannot answer one more frame
-            self._send_pending()
+        if self._fed >= self.overlap_frames + self.catch_up_frames or self._frames >= self.max_frames:
+            self._send_pending()  # out of time to catch up, or the old instance out of life
             if not self._successor.caught_up():
                 self.stalls += 1
             return True
-        return False
+        return self._fed >= self.overlap_frames and not self._pending and self._successor.caught_up()
+
+    def _give(self, data: np.ndarray) -> None:
+        """Chunks of `feed_chunk` during the overlap, its remainder when it ends, then each frame at once."""
+        self._pending.append(np.array(data))  # a copy: the caller may reuse its buffer
+        self._fed += 1
+        if len(self._pending) >= self.feed_chunk or self._fed >= self.overlap_frames:
+            self._send_pending()
 
     def _send_pending(self) -> None:
         if self._pending:
@@ -419,7 +429,7 @@ class RenewingCoder:
         self._send_pending()
         self._successor.sync()  # immediate when caught up; raises what went wrong while fed
         old, self._current, self._successor = self._current, self._successor, None
-        old.close()
+        self._retire(old)
         self.takeovers.append((self._successor_from, self.frames))
         self._begin(self.renewal_period, seen=self._fed)
         self._spare = self._start()  # builds while the new instance works
@@ -429,10 +439,17 @@ class RenewingCoder:
         fresh = self._take_spare()
         for instance in (self._current, self._successor):
             if instance is not None:
-                instance.close()
+                self._retire(instance)
         self._current, self._successor = fresh, None
         self._begin(self._first_renewal)
         self._spare = self._start()
+
+    def _retire(self, instance: CodecInstance) -> None:
+        """Close an instance no longer used, off this thread: a process takes 70-200 ms to end."""
+        self._retiring = [t for t in self._retiring if t.is_alive()]
+        thread = threading.Thread(target=instance.close, name="moshivis-mimi-retire", daemon=True)
+        thread.start()
+        self._retiring.append(thread)
 
     def wait_ready(self) -> None:
         """Wait until the current instance and the spare are built (a bad file fails here)."""
@@ -441,10 +458,14 @@ class RenewingCoder:
                 instance.wait_ready()
 
     def close(self) -> None:
+        """Close every instance, retired ones included (their processes have ended on return)."""
         for instance in (self._current, self._successor, self._spare):
             if instance is not None:
                 instance.close()
         self._successor = self._spare = None
+        for thread in self._retiring:
+            thread.join()
+        self._retiring = []
 
 
 class RenewingCodec:
