@@ -13,9 +13,11 @@ from moshivis_mlx.mimi import (
     MIMI_NUM_CODEBOOKS,
     InProcess,
     MimiError,
+    MimiProcess,
     RenewingCodec,
     RenewingCoder,
     RustyMimi,
+    _request,
     load_mimi,
 )
 from talk_support import FakeCodec, speech_like
@@ -55,6 +57,30 @@ def test_a_reset_rustymimi_fails_as_early_as_one_never_reset(mimi_path):
     mimi.encode(frames(1)[0])
     with pytest.raises(ValueError, match="narrow"):
         mimi.encode(frames(1)[0])
+
+
+def test_the_worker_steps_k_frames_in_one_request(mimi_path):
+    """codec_worker's protocol: a request of k frames (12 as 5 + 5 + 2) is one rustymimi step,
+    answered with k frames, as k one-frame steps would be (pcm within 1e-5)."""
+    inputs = np.stack(frames(12))
+    model_codes = np.random.default_rng(0).integers(0, MIMI_CODEBOOK_SIZE, (12, MIMI_NUM_CODEBOOKS))
+    single = RustyMimi(mimi_path)
+    want_codes = np.stack([single.encode(f) for f in inputs])
+    want_pcm = np.stack([single.decode(c) for c in model_codes])
+    process = MimiProcess(mimi_path)
+    try:
+        process.wait_ready()
+        got_codes, got_pcm = [], []
+        for start in range(0, 12, 5):
+            process._send(_request(ENCODE, inputs[start : start + 5], answer=True))
+            got_codes.append(np.frombuffer(process._expect(b"O"), np.int64).reshape(-1, MIMI_NUM_CODEBOOKS))
+            process._send(_request(DECODE, model_codes[start : start + 5], answer=True))
+            got_pcm.append(np.frombuffer(process._expect(b"O"), np.float32).reshape(-1, MIMI_FRAME_SIZE))
+    finally:
+        process.close()
+    assert [len(c) for c in got_codes] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate(got_codes), want_codes)
+    np.testing.assert_allclose(np.concatenate(got_pcm), want_pcm, rtol=0, atol=1e-5)
 
 
 def run_codec(codec, inputs: list[np.ndarray], model_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
