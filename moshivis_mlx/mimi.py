@@ -318,20 +318,21 @@ class RenewingCoder:
 
     Taking over: a successor answers only once it has caught up (done all
     it was sent), checked without blocking at the start of each frame after
-    the overlap, so no frame waits for a chunk just sent. The overlap's
-    remainder is sent when it ends, then each frame as it comes (the
-    smallest backlog), and before the old instance runs it, so the
-    successor has the whole frame to work: once the last chunk is done, a
-    single frame is done within its own frame and the successor takes over
-    at the next. One still behind `catch_up_frames` (4 * feed_chunk) after
-    the overlap, or when the old life ends, is waited for (counted in
-    `stalls`): so are most when frames come faster than real time (a file,
-    a benchmark), as every renewal was before chunks. The frame of the
-    switch depends on timing, so two runs may differ just after a renewal
-    by what separates the old instance from the new one (codes identical,
-    pcm within ~7e-4 after 375 frames of overlap: bench_mimi.py renewal).
-    Old instances are closed on a thread of their own (a process takes
-    70-200 ms to end).
+    the overlap, so no frame waits for a chunk just sent. Each frame is
+    given to the successor before the old instance runs it (the successor
+    has the whole frame to work), and the overlap's last `single_frames`
+    (2 * feed_chunk) one at a time: the last chunk is worked off before the
+    overlap ends, and a single frame is done within its own frame, so the
+    successor usually takes over right after the overlap (for ~0.2 s more
+    CPU per renewal). Until it has caught up it is fed frame by frame; one
+    still behind `catch_up_frames` (4 * feed_chunk) after the overlap, or
+    when the old life ends, is waited for (counted in `stalls`): so are
+    most when frames come faster than real time (a file, a benchmark), as
+    every renewal was before chunks. The frame of the switch depends on
+    timing, so two runs may differ just after a renewal by what separates
+    the old instance from the new one (codes identical, pcm within ~7e-4
+    after 375 frames of overlap: bench_mimi.py renewal). Old instances are
+    closed on a thread of their own (a process takes 70-200 ms to end).
     `takeovers` lists, per renewal, the frame its successor was first fed
     and the frame it first answered (frames counted from this coder's start).
     """
@@ -351,6 +352,7 @@ class RenewingCoder:
         self.overlap_frames = overlap_frames
         self.feed_chunk = feed_chunk
         self.catch_up_frames = 4 * feed_chunk
+        self.single_frames = min(2 * feed_chunk, overlap_frames // 2)  # the overlap's last frames, one at a time
         self._current = start()
         self.max_frames = int(self._current.max_frames)
         window = overlap_frames + self.catch_up_frames  # the most frames a successor is fed
@@ -404,10 +406,11 @@ class RenewingCoder:
         return self._fed >= self.overlap_frames and not self._pending and self._successor.caught_up()
 
     def _give(self, data: np.ndarray) -> None:
-        """Chunks of `feed_chunk` during the overlap, its remainder when it ends, then each frame at once."""
+        """Chunks of `feed_chunk`, then (with what is buffered) each frame at once from
+        `single_frames` before the end of the overlap."""
         self._pending.append(np.array(data))  # a copy: the caller may reuse its buffer
         self._fed += 1
-        if len(self._pending) >= self.feed_chunk or self._fed >= self.overlap_frames:
+        if len(self._pending) >= self.feed_chunk or self._fed > self.overlap_frames - self.single_frames:
             self._send_pending()
 
     def _send_pending(self) -> None:

@@ -107,14 +107,14 @@ def replay(path, direction: str, inputs, takeovers, first: int, life_frames: int
 
 
 def test_real_mimi_reset_and_chunked_renewals_match_frame_by_frame_instances(mimi_path):
-    """Short-lived instances (80 frames, 6 of overlap, successors fed 5 frames per call in child
-    processes): a reset, then renewals each way. The answers equal those of rustymimi instances in
-    this process, fresh at the reset, fed frame by frame on the same schedule (which frame a
-    successor takes over at depends on timing, so the schedule is the coder's own): codes identical,
-    pcm within 1e-5 (rustymimi's decode_step on 5 frames differs from 5 steps by ~6e-7: float32
-    sums in another order). Lives are long enough (~2.5 s of codec work between a take-over and
-    the next renewal) for each spare to build before it is needed, even on a busy machine."""
-    life_frames, overlap, before, after = 80, 6, 20, 150
+    """Short-lived instances (100 frames, 12 of overlap: a chunk of 5, then 2, then one frame at a
+    time, in child processes): a reset, then renewals each way. The answers equal those of
+    rustymimi instances in this process, fresh at the reset, fed frame by frame on the same
+    schedule (which frame a successor takes over at depends on timing, so the schedule is the
+    coder's own): codes identical, pcm within 1e-5 (rustymimi's decode_step on 5 frames differs
+    from 5 steps by ~6e-7: float32 sums in another order). Lives leave ~1.5 s of codec work
+    between a take-over and the next renewal for each spare to build, even on a busy machine."""
+    life_frames, overlap, before, after = 100, 12, 20, 170
     inputs = frames(before + after)
     model_codes = np.random.default_rng(0).integers(0, MIMI_CODEBOOK_SIZE, (before + after, MIMI_NUM_CODEBOOKS))
     codec = load_mimi(mimi_path, max_seq_len=2 * life_frames, overlap_frames=overlap)
@@ -128,8 +128,8 @@ def test_real_mimi_reset_and_chunked_renewals_match_frame_by_frame_instances(mim
     finally:
         codec.close()
     for coder in (codec.encoder, codec.decoder):  # frames come faster than real time here: a successor
-        for fed_from, answers_from in coder.takeovers:  # may catch up only when the old life ends (a stall)
-            assert answers_from - fed_from >= overlap  # (the replay's instances fail past their lives)
+        for fed_from, answers_from in coder.takeovers:  # may be waited for when its catch-up time ends
+            assert overlap <= answers_from - fed_from <= overlap + coder.catch_up_frames
     want_codes = replay(mimi_path, ENCODE, inputs[before:], codec.encoder.takeovers, before, life_frames)
     want_pcm = replay(mimi_path, DECODE, model_codes[before:], codec.decoder.takeovers, before, life_frames)
     np.testing.assert_array_equal(codes, want_codes)
@@ -327,53 +327,63 @@ def drive(clock: Clock, coder: RenewingCoder, first: int, count: int) -> list:
 
 
 def check_successors(made: list, coder: RenewingCoder, overlap: int, feed_chunk: int) -> None:
-    """Each successor was fed every frame from its start, in chunks of `feed_chunk` while the
-    overlap lasted, its remainder when it ended, then one frame at a time; it answered from the
-    frame after the last one fed."""
+    """Each successor was fed every frame from its start: chunks of `feed_chunk`, then from
+    `single_frames` before the overlap's end what was buffered with the frame, then one frame at
+    a time; it answered from the frame after the last one fed."""
     successors = [m for m in made if m.chunks]
     assert len(successors) >= len(coder.takeovers)
     for successor, (fed_from, answers_from) in zip(successors, coder.takeovers):
         fed = [i for chunk in successor.chunks for i in chunk]
         assert fed == list(range(fed_from, answers_from))
         assert successor.answered[0] == answers_from
-        full, rest = divmod(overlap, feed_chunk)
-        overlap_chunks = [feed_chunk] * full + [rest] * (rest > 0)
+        full, rest = divmod(overlap - coder.single_frames, feed_chunk)
         sizes = [len(c) for c in successor.chunks]
-        assert sizes[: len(overlap_chunks)] == overlap_chunks
-        assert all(size == 1 for size in sizes[len(overlap_chunks) :])
+        assert sizes[: full + 1] == [feed_chunk] * full + [rest + 1]
+        assert all(size == 1 for size in sizes[full + 1 :])
         assert successor.sent_unbuilt == 0  # no successor was fed before it was built
 
 
-def test_chunked_feeding_takes_over_only_once_caught_up():
-    """The overlap's last chunk (9 frames in chunks of 3) keeps the successor busy past the next
-    frame: the old instance answers (the successor fed frame by frame) until the successor has
-    done all it was given, and no frame waits for it (no sync finds it behind)."""
-    clock, made, coder = scripted_coder(per_frame=0.375)
+def test_a_successor_with_rustymimis_costs_takes_over_right_after_the_overlap():
+    """rustymimi's costs (a frame in half a frame's time, 3 in 1, 5 in 1.5): chunks of 3, then the
+    overlap's last frames one at a time, so the successor has caught up when the overlap ends and
+    answers the next frame; no frame waits for it (no sync finds it behind)."""
+    clock, made, coder = scripted_coder(per_frame=0.25)
     out = drive(clock, coder, 0, 240)
     assert coder.renewals >= 5 and coder.waits == coder.stalls == 0
     assert all(m.synced_behind == 0 for m in made)
+    assert all(answers_from - fed_from == 9 for fed_from, answers_from in coder.takeovers)
+    successors = [m for m in made if m.chunks][: coder.renewals]
+    assert coder.single_frames == 4 and all([len(c) for c in m.chunks] == [3, 3, 1, 1, 1] for m in successors)
     check_successors(made, coder, overlap=9, feed_chunk=3)
-    delays = [answers_from - fed_from - 9 for fed_from, answers_from in coder.takeovers]
-    assert all(0 < d <= coder.catch_up_frames for d in delays)  # it caught up, later than the overlap
     assert [i for _, i in out] == list(range(240))  # every frame answered once, in order
     starts = [fed_from for fed_from, _ in coder.takeovers]
-    assert np.all(np.diff(starts) == coder.renewal_period)  # renewals on a fixed period, whatever the delays
-
-
-def test_a_quick_successor_takes_over_right_after_the_overlap():
-    """rustymimi's costs (5 frames in 1.5 frames' time): the remainder (2 of 7) is sent when the
-    overlap ends, done within the frame, and the successor answers the next one."""
-    clock, made, coder = scripted_coder(per_frame=0.25, overlap=7, feed_chunk=5)
+    assert np.all(np.diff(starts) == coder.renewal_period)  # renewals on a fixed period
+    clock, made, coder = scripted_coder(per_frame=0.25, overlap=7, feed_chunk=5)  # 7 = one chunk, 2 singles
     drive(clock, coder, 0, 200)
-    assert coder.renewals >= 5 and coder.stalls == 0
+    assert coder.renewals >= 5 and coder.stalls == 0 and coder.single_frames == 3
     assert all(answers_from - fed_from == 7 for fed_from, answers_from in coder.takeovers)
     check_successors(made, coder, overlap=7, feed_chunk=5)
-    assert all([len(c) for c in m.chunks] == [5, 2] for m in made if m.chunks)
+
+
+def test_a_slower_successor_takes_over_once_caught_up():
+    """A busy machine (a frame takes the successor 0.875 of a frame): still behind when the overlap
+    ends, it is fed frame by frame while the old instance answers, and takes over once it has
+    caught up, before its catch-up time runs out: no frame waits for it."""
+    clock, made, coder = scripted_coder(per_frame=0.5, per_call=0.375)
+    out = drive(clock, coder, 0, 240)
+    assert coder.renewals >= 5 and coder.waits == coder.stalls == 0
+    assert all(m.synced_behind == 0 for m in made)
+    delays = [answers_from - fed_from - 9 for fed_from, answers_from in coder.takeovers]
+    assert all(0 < d < coder.catch_up_frames for d in delays)
+    check_successors(made, coder, overlap=9, feed_chunk=3)
+    assert [i for _, i in out] == list(range(240))
+    starts = [fed_from for fed_from, _ in coder.takeovers]
+    assert np.all(np.diff(starts) == coder.renewal_period)  # whatever the delays
 
 
 def test_a_successor_that_never_catches_up_is_waited_for_at_the_end_of_a_life():
-    """Too slow to keep up (a frame takes it more than a frame): the old instance answers to the end
-    of its life, then the successor is synced (counted in `stalls`); still no frame is lost."""
+    """Too slow to keep up (a frame takes it more than a frame): the old instance answers until the
+    catch-up time runs out, then the successor is synced (counted in `stalls`); no frame is lost."""
     clock, made, coder = scripted_coder(per_frame=1.0)
     out = drive(clock, coder, 0, 150)
     assert coder.renewals >= 3 and coder.stalls == coder.renewals
