@@ -140,6 +140,8 @@ def frame_times(path: Path, count: int, feed_chunk: int, life: int) -> dict:
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "max_ms": round(float(ms.max()), 1),
         "max_over_median": round(float(ms.max() / np.median(ms)), 2),
+        "slowest_frames": [(int(i) + 3, round(float(ms[i]), 1)) for i in np.argsort(ms)[::-1][:6]],
+        "takeovers": {"encoder": codec.encoder.takeovers, "decoder": codec.decoder.takeovers},
     }
 
 
