@@ -331,8 +331,8 @@ class RenewingCoder:
     every renewal was before chunks. The frame of the switch depends on
     timing, so two runs may differ just after a renewal by what separates
     the old instance from the new one (codes identical, pcm within ~7e-4
-    after 375 frames of overlap: bench_mimi.py renewal). Old instances are
-    closed on a thread of their own (a process takes 70-200 ms to end).
+    after 375 frames of overlap: bench_mimi.py renewal). The old instance is
+    closed on a thread of its own (a process takes 70-200 ms to end).
     `takeovers` lists, per renewal, the frame its successor was first fed
     and the frame it first answered (frames counted from this coder's start).
     """
@@ -442,13 +442,13 @@ class RenewingCoder:
         fresh = self._take_spare()
         for instance in (self._current, self._successor):
             if instance is not None:
-                self._retire(instance)
+                instance.close()
         self._current, self._successor = fresh, None
         self._begin(self._first_renewal)
         self._spare = self._start()
 
     def _retire(self, instance: CodecInstance) -> None:
-        """Close an instance no longer used, off this thread: a process takes 70-200 ms to end."""
+        """Close an instance replaced at a take-over, off this thread: a process takes 70-200 ms to end."""
         self._retiring = [t for t in self._retiring if t.is_alive()]
         thread = threading.Thread(target=instance.close, name="moshivis-mimi-retire", daemon=True)
         thread.start()
