@@ -18,7 +18,10 @@ not the position: a reset instance fails as early as one never reset.
     over. The codec's attention layers see the last 250 steps (10 s) and its
     convolutions a few frames, so after 30 s of overlap the successor's
     output differs from the old instance's by 0.5% of the signal (random
-    weights, benchmarks/bench_mimi.py) and its codes are identical;
+    weights, benchmarks/bench_mimi.py) and its codes are identical. The
+    successor is fed `FEED_CHUNK_FRAMES` frames per call, for half the CPU
+    of frame-by-frame feeding, and takes over once it has caught up, so no
+    frame waits for it (`RenewingCoder`);
   * `reset()` switches to a fresh instance built ahead of time (the spare),
     so it is exact and immediate.
 """
@@ -45,6 +48,7 @@ MIMI_NUM_CODEBOOKS = 8  # codebooks MoshiVis uses, of the 32 Mimi has
 MIMI_STEPS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
 RENEWAL_OVERLAP_FRAMES = 375  # 30 s: a decoder fed 12 s differs by 20% of the signal, 24 s: 1.5%
 MAX_SEQ_LEN = 32_768  # positions precomputed per instance (~22 min; ~8 MB of tables)
+FEED_CHUNK_FRAMES = 5  # frames per call when feeding a successor: ~20/23 ms a frame to encode/decode instead of ~42/47
 
 ENCODE, DECODE = "encode", "decode"
 
@@ -115,8 +119,9 @@ class CodecInstance(Protocol):
 
     def ready(self) -> bool: ...  # built (never blocks)
     def wait_ready(self) -> None: ...  # until built; a bad checkpoint raises here
-    def run(self, direction: str, data: np.ndarray) -> np.ndarray: ...
-    def feed(self, direction: str, data: np.ndarray) -> None: ...  # no answer, never blocks
+    def run(self, direction: str, data: np.ndarray) -> np.ndarray: ...  # one frame, answered
+    def feed(self, direction: str, frames: np.ndarray) -> None: ...  # (k, frame) in one call; no answer, never blocks
+    def caught_up(self) -> bool: ...  # everything fed is done (never blocks)
     def sync(self) -> None: ...  # wait until everything fed is done; raises its error
     def close(self) -> None: ...
 
@@ -138,6 +143,12 @@ class MimiProcess:
         self._ready = False
         self._feeds: queue.SimpleQueue | None = None  # requests for the writer thread while fed
         self._writer: threading.Thread | None = None
+        self._marks = self._answered = 0  # 'S' sent after feeds and syncs; their answers read
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (benchmarks read its CPU time)."""
+        return self._process.pid
 
     def ready(self) -> bool:
         if not self._ready and select.select([self._process.stdout], [], [], 0)[0]:
@@ -149,17 +160,31 @@ class MimiProcess:
             self._expect(b"R")
 
     def run(self, direction: str, data: np.ndarray) -> np.ndarray:
+        """One frame (never called while fed: a renewing coder syncs a successor before it answers)."""
         self.wait_ready()
         self._send(_request(direction, data, answer=True))
         payload = self._expect(b"O")
         return np.frombuffer(payload, np.int64 if direction == ENCODE else np.float32).copy()
 
-    def feed(self, direction: str, data: np.ndarray) -> None:
+    def feed(self, direction: str, frames: np.ndarray) -> None:
+        """`frames` ((k, 1920) pcm or (k, codebooks) codes) in one request, followed by an 'S'
+        whose answer `caught_up` reads when it comes."""
         if self._feeds is None:  # a thread writes, so a slow child never blocks the caller
             self._feeds = queue.SimpleQueue()
             self._writer = threading.Thread(target=self._write_feeds, name="moshivis-mimi-feed", daemon=True)
             self._writer.start()
-        self._feeds.put(_request(direction, data, answer=False))
+        self._feeds.put(_request(direction, frames, answer=False) + _MARK)
+        self._marks += 1
+
+    def caught_up(self) -> bool:
+        """Whether the child has done everything fed so far: reads the answers to the marks
+        that have arrived, never waits for one."""
+        if not self.ready():
+            return False
+        while self._answered < self._marks and select.select([self._process.stdout], [], [], 0)[0]:
+            self._expect(b"O")
+            self._answered += 1
+        return self._answered == self._marks
 
     def sync(self) -> None:
         self.wait_ready()
@@ -167,8 +192,11 @@ class MimiProcess:
             self._feeds.put(None)
             self._writer.join()
             self._feeds = self._writer = None
-        self._send(HEADER.pack(b"S", 0))
-        self._expect(b"O")
+        self._send(_MARK)
+        self._marks += 1
+        while self._answered < self._marks:  # the feeds' marks first, in order
+            self._expect(b"O")
+            self._answered += 1
 
     def close(self) -> None:
         if self._feeds is not None:
@@ -215,7 +243,11 @@ class MimiProcess:
         return payload
 
 
+_MARK = HEADER.pack(b"S", 0)
+
+
 def _request(direction: str, data: np.ndarray, answer: bool) -> bytes:
+    """One frame, or (k, ...) frames, as one message (frame after frame, as codec_worker reads them)."""
     if direction == ENCODE:
         op, payload = b"E", np.ascontiguousarray(data, np.float32).tobytes()
     else:
@@ -240,12 +272,18 @@ class InProcess:
     def run(self, direction: str, data: np.ndarray) -> np.ndarray:
         return getattr(self.codec, direction)(data)
 
-    def feed(self, direction: str, data: np.ndarray) -> None:
-        if self._error is None:
+    def feed(self, direction: str, frames: np.ndarray) -> None:
+        code = getattr(self.codec, direction)
+        for frame in frames:  # the codec's own step, one frame at a time
+            if self._error is not None:
+                return
             try:
-                getattr(self.codec, direction)(data)
+                code(frame)
             except Exception as e:  # reported at sync, as a process would
                 self._error = e
+
+    def caught_up(self) -> bool:
+        return True
 
     def sync(self) -> None:
         if self._error is not None:
@@ -261,11 +299,42 @@ class InProcess:
 class RenewingCoder:
     """One direction (encode or decode) of a codec made of limited instances.
 
-    From `renew_at` frames into an instance's life, its successor (the spare,
-    built ahead of time) is fed every frame too; after `overlap_frames` it
-    takes over, and a new spare starts building. `reset()` switches to the
-    spare at once. No frame waits for an instance to load unless the spare
-    is not built yet (counted in `waits`).
+    Every `renewal_period` frames (`max_frames - overlap_frames -
+    catch_up_frames`), counted from the first frame an instance saw, its
+    successor (the spare, built ahead of time) starts being fed the frames
+    the current instance answers; once fed `overlap_frames` and caught up it
+    answers instead, and a new spare starts building. `reset()` switches to
+    the spare at once. No frame waits for an instance to load unless the
+    spare is not built yet (counted in `waits`).
+
+    Chunks: the successor is fed `feed_chunk` frames per call, buffered
+    here. rustymimi steps k frames at once for about half the CPU per frame:
+    at k = 5, 20 ms instead of 42 to encode a frame and 23 instead of 47 to
+    decode (2 cores, random full-size weights; codes identical to feeding
+    frame by frame, pcm within 6e-7). Fed frame by frame, a successor added
+    a full Mimi step per frame and live mode dropped frames on 2 cores
+    during every renewal. The price: bursts of ~120-140 ms every 5 frames in
+    the successor's process.
+
+    Taking over: a successor answers only once it has caught up (done all
+    it was sent), checked without blocking at the start of each frame after
+    the overlap, so no frame waits for a chunk just sent. Each frame is
+    given to the successor before the old instance runs it (the successor
+    has the whole frame to work), and the overlap's last `single_frames`
+    (2 * feed_chunk) one at a time: the last chunk is worked off before the
+    overlap ends, and a single frame is done within its own frame, so the
+    successor usually takes over right after the overlap (for ~0.2 s more
+    CPU per renewal). Until it has caught up it is fed frame by frame; one
+    still behind `catch_up_frames` (4 * feed_chunk) after the overlap, or
+    when the old life ends, is waited for (counted in `stalls`): so are
+    most when frames come faster than real time (a file, a benchmark), as
+    every renewal was before chunks. The frame of the switch depends on
+    timing, so two runs may differ just after a renewal by what separates
+    the old instance from the new one (codes identical, pcm within ~7e-4
+    after 375 frames of overlap: bench_mimi.py renewal). The old instance is
+    closed on a thread of its own (a process takes 70-200 ms to end).
+    `takeovers` lists, per renewal, the frame its successor was first fed
+    and the frame it first answered (frames counted from this coder's start).
     """
 
     def __init__(
@@ -274,39 +343,80 @@ class RenewingCoder:
         direction: str,
         overlap_frames: int = RENEWAL_OVERLAP_FRAMES,
         first_renewal: int | None = None,
+        feed_chunk: int = FEED_CHUNK_FRAMES,
     ):
+        if feed_chunk < 1:
+            raise ValueError(f"feed_chunk must be at least 1 frame, not {feed_chunk}")
         self._start = start
         self.direction = direction
         self.overlap_frames = overlap_frames
+        self.feed_chunk = feed_chunk
+        self.catch_up_frames = 4 * feed_chunk
+        self.single_frames = min(2 * feed_chunk, overlap_frames // 2)  # the overlap's last frames, one at a time
         self._current = start()
         self.max_frames = int(self._current.max_frames)
-        if 2 * overlap_frames > self.max_frames:  # else a successor would have to take over half warmed up
+        window = overlap_frames + self.catch_up_frames  # the most frames a successor is fed
+        if 2 * window > self.max_frames:  # else a successor would have to take over half warmed up
             self._current.close()
             raise ValueError(f"an instance's life ({self.max_frames} frames) must be at least twice the "
-                             f"overlap ({overlap_frames} frames)")
-        self._first_renewal = self.max_frames - overlap_frames if first_renewal is None else first_renewal
+                             f"overlap ({overlap_frames} frames) and the catch-up ({self.catch_up_frames} frames)")
+        self.renewal_period = self.max_frames - window
+        self._first_renewal = self.renewal_period if first_renewal is None else first_renewal
         self._spare: CodecInstance | None = start()
         self._successor: CodecInstance | None = None
-        self.renewals = 0
+        self.frames = 0  # frames this coder answered
+        self.takeovers: list[tuple[int, int]] = []
         self.waits = 0
+        self.stalls = 0
+        self._retiring: list[threading.Thread] = []
         self._begin(self._first_renewal)
 
-    def _begin(self, renew_at: int) -> None:
-        self._frames = 0  # frames the current instance has seen
-        self._fed = 0  # frames the successor has been fed
+    @property
+    def renewals(self) -> int:
+        return len(self.takeovers)
+
+    def _begin(self, renew_at: int, seen: int = 0) -> None:
+        self._frames = seen  # frames the current instance has seen (fed ones included)
+        self._fed = 0  # frames given to the successor
+        self._pending: list[np.ndarray] = []  # of those, the ones not sent yet
         self._renew_at = renew_at
 
     def __call__(self, data: np.ndarray) -> np.ndarray:
+        if self._successor is not None:
+            if self._successor_due():
+                self._take_over()
+            else:  # before the old instance runs: the successor has the whole frame to work in
+                self._give(data)
         out = self._current.run(self.direction, data)
         self._frames += 1
-        if self._successor is not None:
-            self._successor.feed(self.direction, data)
-            self._fed += 1
-            if self._fed >= self.overlap_frames or self._frames >= self.max_frames:
-                self._take_over()
-        elif self._frames >= self._renew_at and (self._spare_ready() or self._frames >= self.max_frames - 1):
+        self.frames += 1
+        if self._successor is None and self._frames >= self._renew_at and (
+            self._spare_ready() or self._frames >= self.max_frames - 1
+        ):
             self._successor = self._take_spare()  # fed from the next frame on
+            self._successor_from = self.frames
         return out
+
+    def _successor_due(self) -> bool:
+        if self._fed >= self.overlap_frames + self.catch_up_frames or self._frames >= self.max_frames:
+            self._send_pending()  # out of time to catch up, or the old instance out of life
+            if not self._successor.caught_up():
+                self.stalls += 1
+            return True
+        return self._fed >= self.overlap_frames and not self._pending and self._successor.caught_up()
+
+    def _give(self, data: np.ndarray) -> None:
+        """Chunks of `feed_chunk`, then (with what is buffered) each frame at once from
+        `single_frames` before the end of the overlap."""
+        self._pending.append(np.array(data))  # a copy: the caller may reuse its buffer
+        self._fed += 1
+        if len(self._pending) >= self.feed_chunk or self._fed > self.overlap_frames - self.single_frames:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        if self._pending:
+            self._successor.feed(self.direction, np.stack(self._pending))
+            self._pending = []
 
     def _spare_ready(self) -> bool:
         return self._spare is not None and self._spare.ready()
@@ -319,12 +429,12 @@ class RenewingCoder:
         return spare
 
     def _take_over(self) -> None:
-        self._successor.sync()
+        self._send_pending()
+        self._successor.sync()  # immediate when caught up; raises what went wrong while fed
         old, self._current, self._successor = self._current, self._successor, None
-        old.close()
-        self._begin(self.max_frames - self.overlap_frames)
-        self._frames, self._fed = self.overlap_frames, 0
-        self.renewals += 1
+        self._retire(old)
+        self.takeovers.append((self._successor_from, self.frames))
+        self._begin(self.renewal_period, seen=self._fed)
         self._spare = self._start()  # builds while the new instance works
 
     def reset(self) -> None:
@@ -337,6 +447,13 @@ class RenewingCoder:
         self._begin(self._first_renewal)
         self._spare = self._start()
 
+    def _retire(self, instance: CodecInstance) -> None:
+        """Close an instance replaced at a take-over, off this thread: a process takes 70-200 ms to end."""
+        self._retiring = [t for t in self._retiring if t.is_alive()]
+        thread = threading.Thread(target=instance.close, name="moshivis-mimi-retire", daemon=True)
+        thread.start()
+        self._retiring.append(thread)
+
     def wait_ready(self) -> None:
         """Wait until the current instance and the spare are built (a bad file fails here)."""
         for instance in (self._current, self._spare):
@@ -344,35 +461,40 @@ class RenewingCoder:
                 instance.wait_ready()
 
     def close(self) -> None:
+        """Close every instance, retired ones included (their processes have ended on return)."""
         for instance in (self._current, self._successor, self._spare):
             if instance is not None:
                 instance.close()
         self._successor = self._spare = None
+        for thread in self._retiring:
+            thread.join()
+        self._retiring = []
 
 
 class RenewingCodec:
     """Mimi with no length limit: an encoder and a decoder that renew themselves.
 
-    The decoder's first instance is renewed at half its life, so the two
-    directions never feed successors at the same time. `encode` and
-    `decode` may run at the same time on two threads.
+    The decoder's first renewal comes half a renewal period after the
+    start, so the two directions never feed successors at the same time.
+    `encode` and `decode` may run at the same time on two threads.
     """
 
     def __init__(self, start: Callable[[], CodecInstance], overlap_frames: int = RENEWAL_OVERLAP_FRAMES,
-                 *, sample_rate: int = MIMI_SAMPLE_RATE, frame_size: int = MIMI_FRAME_SIZE,
-                 codebook_size: int = MIMI_CODEBOOK_SIZE, num_codebooks: int = MIMI_NUM_CODEBOOKS):
+                 *, feed_chunk: int = FEED_CHUNK_FRAMES, sample_rate: int = MIMI_SAMPLE_RATE,
+                 frame_size: int = MIMI_FRAME_SIZE, codebook_size: int = MIMI_CODEBOOK_SIZE,
+                 num_codebooks: int = MIMI_NUM_CODEBOOKS):
         self.sample_rate = sample_rate
         self.frame_size = frame_size
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
-        self.encoder = RenewingCoder(start, ENCODE, overlap_frames)
+        self.encoder = RenewingCoder(start, ENCODE, overlap_frames, feed_chunk=feed_chunk)
         try:
-            life = self.encoder.max_frames
-            self.decoder = RenewingCoder(start, DECODE, overlap_frames, first_renewal=max(overlap_frames, life // 2))
+            half = max(overlap_frames, self.encoder.renewal_period // 2)
+            self.decoder = RenewingCoder(start, DECODE, overlap_frames, first_renewal=half, feed_chunk=feed_chunk)
         except BaseException:
             self.encoder.close()
             raise
-        self.max_frames = life
+        self.max_frames = self.encoder.max_frames
 
     @property
     def renewals(self) -> int:
@@ -405,13 +527,16 @@ def load_mimi(
     *,
     max_seq_len: int = MAX_SEQ_LEN,
     overlap_frames: int | None = None,
+    feed_chunk: int = FEED_CHUNK_FRAMES,
 ) -> RenewingCodec:
     """Mimi from a checkpoint file (`tokenizer-e351c8d8-checkpoint125.safetensors`), with no length limit.
 
     `max_seq_len` sets an instance's life (`max_seq_len // 2` frames) and
     `overlap_frames` how long a successor is fed before it takes over
     (default: 30 s, or a quarter of a life when lives are short): small
-    values make renewals quick to test.
+    values make renewals quick to test. `feed_chunk` frames are fed to a
+    successor per call (see `RenewingCoder`: 1 is frame by frame, at twice
+    the CPU).
     """
     try:
         import importlib.util
@@ -425,7 +550,7 @@ def load_mimi(
     if overlap_frames is None:
         overlap_frames = min(RENEWAL_OVERLAP_FRAMES, life // 4)
     codec = RenewingCodec(lambda: MimiProcess(path, num_codebooks, max_seq_len), overlap_frames,
-                          num_codebooks=num_codebooks)
+                          feed_chunk=feed_chunk, num_codebooks=num_codebooks)
     try:
         codec.wait_ready()  # a bad file is reported here, not at the first frame
     except BaseException:
