@@ -87,6 +87,8 @@ def main() -> None:
         "input_overflows": stats["input_overflows"],
         "drop_times_s": stats["drop_times"],
         "underrun_times_s": stats["underrun_times"],
+        "mimi_takeovers": {k: v["takeovers"] for k, v in stats.get("mimi", {}).items()},  # (first fed, first answered)
+        "mimi_stalls": {k: v["stalls"] for k, v in stats.get("mimi", {}).items()},
         "device": f"JACK dummy {args.rate} Hz, period {args.period}",
         "extra_flags": args.extra,
         "summary": summary,

@@ -380,11 +380,23 @@ def _talk_live(args, sd, conversation) -> int:
     if args.transcript:
         write_text(args.transcript, conversation.transcript + "\n")
     if args.debug_stats_json:
-        write_text(args.debug_stats_json, json.dumps({**stats.to_dict(), "error": repr(session.error) if session.error else None}))
+        write_text(args.debug_stats_json, json.dumps({
+            **stats.to_dict(), "mimi": _mimi_renewals(conversation.mimi),
+            "error": repr(session.error) if session.error else None,
+        }))
     print(format_summary(stats), file=sys.stderr)
     if session.error is not None:
         raise session.error
     return 0
+
+
+def _mimi_renewals(codec) -> dict:
+    """Each direction's take-overs (first frame fed, first frame answered) and stalls, for benchmarks."""
+    return {
+        name: {"takeovers": coder.takeovers, "stalls": coder.stalls}
+        for name in ("encoder", "decoder")
+        if hasattr(coder := getattr(codec, name, None), "takeovers")
+    }
 
 
 def _show_events(session, display) -> None:
