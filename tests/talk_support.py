@@ -187,3 +187,15 @@ def speech_like(seconds: float, rate: int = MIMI_SAMPLE_RATE, seed: int = 0) -> 
     voice = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((180, 360, 540, 720)))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 3 * t))
     return (0.2 * envelope * voice + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a CLI the test will Ctrl-C: SIGINT back to its default.
+
+    A shell starting a job in the background (`bash .ci/run &`) makes it ignore
+    SIGINT, its children inherit that, and a Python started that way keeps
+    ignoring it: the test's Ctrl-C would never arrive.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

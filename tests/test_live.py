@@ -29,7 +29,7 @@ from moshivis_mlx.audio.resample import Resampler
 from moshivis_mlx.app.cli import format_status
 from moshivis_mlx.app.console import LiveDisplay, parse_typed_path
 from moshivis_mlx.app.live import AudioDeviceError, LiveSession, OutputBuffer
-from talk_support import speech_like
+from talk_support import interruptible, speech_like
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAME_SECONDS = 0.08
@@ -95,7 +95,7 @@ def start_cli(args: list, env: dict, directory: Path) -> tuple[subprocess.Popen,
     stdout, stderr = directory / "stdout.txt", directory / "stderr.txt"
     proc = subprocess.Popen([sys.executable, "-m", "moshivis_mlx", *map(str, args)], stdin=subprocess.PIPE,
                             stdout=open(stdout, "w"), stderr=open(stderr, "w"), text=True, cwd=ROOT,
-                            env={**env, "PYTHONPATH": str(ROOT)})
+                            env={**env, "PYTHONPATH": str(ROOT)}, preexec_fn=interruptible)
     return proc, stdout, stderr
 
 

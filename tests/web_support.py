@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from talk_support import interruptible
+
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD_SECONDS = 180  # only against hangs: no assertion depends on time
 
@@ -22,6 +24,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "moshivis_mlx", "web", "--no-browser", "--port", "0", *args],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=interruptible,
         )
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
