@@ -21,6 +21,7 @@ from ..session.conversation import Conversation, IncompatibleModelError
 from ..session.offline import DEFAULT_TAIL_SECONDS, ImageSwitch, converse_offline
 from ..weights.checkpoint import CheckpointError
 from ..weights.hub import BF16, DEFAULT_REPO, MissingFilesError, load_model, resolve_files
+from ..weights.loading import parse_cache_bits
 from ..weights.quantize import describe_caches
 
 DESCRIPTION = """\
@@ -79,14 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cache_bits(value: str) -> "int | None | str":
-    if value in ("auto", "none"):
-        return None if value == "none" else value
-    if value not in ("4", "5", "6", "8"):
-        raise argparse.ArgumentTypeError("must be 4, 5, 6, 8, none or auto")
-    return int(value)
-
-
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The weights and sampling flags, shared with `python -m moshivis_mlx web`."""
     weights = p.add_argument_group("weights")
@@ -101,10 +94,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     weights.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                          help="compute dtype (default auto: bfloat16, or float32 for quantized weights on a CPU, "
                               "where it is ~9x faster)")
-    weights.add_argument("--kv-bits", type=_cache_bits, default="auto", metavar="N|none",
+    weights.add_argument("--kv-bits", type=parse_cache_bits, default="auto", metavar="N|none",
                          help="store the conversation's keys and values at 4, 5, 6 or 8 bits, or 'none' (default: "
                               "4 for a 4-bit model, 8 for an 8-bit one, none for bf16): fewer bytes read per step")
-    weights.add_argument("--image-kv-bits", type=_cache_bits, default="auto", metavar="N|none",
+    weights.add_argument("--image-kv-bits", type=parse_cache_bits, default="auto", metavar="N|none",
                          help="the same for the picture's keys and values (default: 8 for quantized models)")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--seed", type=int, help="make the answer reproducible")

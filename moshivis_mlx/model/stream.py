@@ -157,8 +157,8 @@ class Stream:
         return outputs if gate is None else (*outputs, gate)  # a compiled function returns arrays only
 
     def _frame_fn(self, with_image: bool, visible: int, full: bool) -> Callable:
-        image_storage = with_image and (self.image.quantization or "float")
-        fn = self._frame_fns.get((image_storage, visible, full, self._window.quantization))
+        key = (with_image and (self.image.quantization or "float"), visible, full, self._window.quantization)
+        fn = self._frame_fns.get(key)
         if fn is None:
             if with_image:
                 image_quantization = self.image.quantization
@@ -170,7 +170,7 @@ class Stream:
                 def frame(tokens_in, keys, values, offset, key, recent):
                     return self._frame(tokens_in, keys, values, offset, key, recent, None, visible, full)
             fn = mx.compile(frame) if self.compiled else frame
-            self._frame_fns[(image_storage, visible, full, self._window.quantization)] = fn
+            self._frame_fns[key] = fn
         return fn
 
     def step(self, user_codes) -> StepOutput:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -270,6 +271,19 @@ def quantization_request(bits: int | None, group_size: int, policy: Quantization
 
 
 AUTO_CACHE = "auto"
+
+
+def parse_cache_bits(text: str) -> "int | None | str":
+    """A command line's `--kv-bits` / `--image-kv-bits`: 4, 5, 6 or 8, "none" (or
+    "float", "bf16") for the compute dtype, or "auto" (see `resolve_caches`)."""
+    word = text.lower()
+    if word in ("none", "float", "bf16"):
+        return None
+    if word == AUTO_CACHE:
+        return AUTO_CACHE
+    if word.isdigit() and int(word) in CACHE_BITS:
+        return int(word)
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, CACHE_BITS))}, 'none' or 'auto'")
 
 
 def resolve_caches(

@@ -12,7 +12,7 @@ from pathlib import Path
 from ...model.config import ModelConfig
 from ..checkpoint import CheckpointError
 from ..loading import DTYPES as LOAD_DTYPES
-from ..loading import AUTO_CACHE, read_config
+from ..loading import AUTO_CACHE, parse_cache_bits, read_config
 from ..quantize import (
     BITS_CHOICES,
     CACHE_BITS,
@@ -53,17 +53,6 @@ def _bits_or_none(value: str) -> int | None:
     return bits
 
 
-def _cache_bits(value: str) -> "int | None | str":
-    if value.lower() in ("none", "float", "bf16"):
-        return None
-    if value == AUTO_CACHE:
-        return AUTO_CACHE
-    bits = int(value)
-    if bits not in CACHE_BITS:
-        raise argparse.ArgumentTypeError(f"must be one of {CACHE_BITS} or 'none'")
-    return bits
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m moshivis_mlx convert",
@@ -83,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 4 at --bits 4 or fewer, else 8)")
     p.add_argument("--depformer-bits", type=_bits_or_none, default=_POLICY_DEFAULT, metavar="N|none",
                    help=f"bits of the depformer's linear layers (default {SENSITIVE_BITS})")
-    p.add_argument("--kv-bits", type=_cache_bits, default=AUTO_CACHE, metavar="N|none",
+    p.add_argument("--kv-bits", type=parse_cache_bits, default=AUTO_CACHE, metavar="N|none",
                    help=f"store the KV window at {'/'.join(map(str, CACHE_BITS))} bits, or 'none' (default: "
                    "4 at --bits 4 or fewer, 8 for other quantized models, none for float ones)")
-    p.add_argument("--image-kv-bits", type=_cache_bits, default=AUTO_CACHE, metavar="N|none",
+    p.add_argument("--image-kv-bits", type=parse_cache_bits, default=AUTO_CACHE, metavar="N|none",
                    help="store the image K/V at this many bits, or 'none' (default: 8 for quantized models)")
     p.add_argument("--vision-bits", type=_bits_or_none, default=None, metavar="N|none",
                    help="also quantize the SigLIP vision tower's linear layers (default: none)")
